@@ -1,0 +1,151 @@
+"""Process wiring of the child agent: threads, signals, drain, sd_notify.
+
+Start order: state (schema checked), backend, neighbours and publishers,
+manager, journal replay, then the RPC servers (so replayed work goes before
+new messages), then the poller and the reporter. Stop order is the reverse:
+stop consuming first, drain in-flight work for up to ``drain_timeout``
+seconds (what is left stays in the journal for the next start), then stop
+the threads and close the connections.
+"""
+
+import logging
+import os
+import socket
+import threading
+
+from cellagent import backends
+from cellagent import exception
+from cellagent import manager as manager_mod
+from cellagent import reporter as reporter_mod
+from cellagent import state
+from cellagent import workqueue
+from cellagent.conf import database
+from cellagent.rpc import endpoint as endpoint_mod
+from cellagent.rpc import neighbours as neighbours_mod
+from cellagent.rpc import parent_api
+from cellagent.rpc import transport as transport_mod
+
+LOG = logging.getLogger(__name__)
+
+
+def sd_notify(state_line):
+    """Send one sd_notify line when run by systemd (NOTIFY_SOCKET set)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(state_line.encode())
+        return True
+    except OSError as e:
+        LOG.warning("sd_notify %(line)s failed: %(err)s", {"line": state_line, "err": e})
+        return False
+
+
+def open_store(conf):
+    """The state store, with its schema created on first use."""
+    url = database.connection_url(conf)
+    if url.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
+    store = state.get_store(url, busy_timeout=conf.database.busy_timeout,
+                            pool_size=conf.database.max_pool_size)
+    if store.schema_version() == 0:
+        LOG.info("Empty state database: creating the schema")
+        store.sync_schema()
+    store.check_schema()
+    return store
+
+
+class AgentService:
+    """The ``cellagent`` daemon: one child cell agent."""
+
+    def __init__(self, conf, store=None, backend=None, transports=None):
+        self.conf = conf
+        self.store = store
+        self.backend = backend
+        self.transports = transports
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self.servers = []
+
+    def start(self):
+        conf = self.conf
+        cells = conf.cells
+        neighbours_mod.check_cell_name(cells.name)
+        if self.store is None:
+            self.store = open_store(conf)
+        if self.backend is None:
+            self.backend = backends.load_backend(conf)
+        self.backend.start()
+        LOG.info("Backend %s started", self.backend.name)
+        self.neighbours = neighbours_mod.Neighbours(cells.cells_config)
+        if not self.neighbours.parents():
+            LOG.warning("No parent cell in cells_config: reports go nowhere")
+        if self.transports is None:
+            self.transports = transport_mod.Transports(conf)
+        self.sender = parent_api.IntercellSender(
+            cells.name, self.neighbours, self.transports, cells.rpc_driver_queue_base,
+            cells.max_hop_count)
+        self.parent_api = parent_api.ParentAPI(self.sender)
+        self.flavors = reporter_mod.FlavorCatalog.from_config(cells.flavors)
+        self.reporter = reporter_mod.Reporter(
+            self.parent_api, self.backend, self.flavors,
+            reporter_mod.parse_capabilities(cells.capabilities), cells.reserve_percent,
+            cells.report_interval, cells.report_delay)
+        self.poller = workqueue.Poller(self.backend, conf.backend.poll_interval)
+        self.work = workqueue.WorkQueue(conf.backend.workers, self.poller)
+        self.manager = manager_mod.CellManager(
+            cells.name, conf.host, self.store, self.backend, self.parent_api, self.work,
+            reporter=self.reporter, flavors=self.flavors,
+            transition_timeout=conf.backend.transition_timeout,
+            retries=conf.backend.operation_retries, retry_delay=conf.backend.retry_delay)
+        self.router = endpoint_mod.Router(self.sender, self.manager, cells.call_timeout,
+                                          cells.max_hop_count)
+        self.poller.start()
+        self.manager.recover()
+        url = conf.transport_url
+        self.servers = transport_mod.rpc_servers(
+            self.transports.rpc_transport(url), url, cells.rpc_driver_queue_base, conf.host,
+            endpoint_mod.IntercellEndpoint(self.router))
+        for server in self.servers:
+            server.start()
+        LOG.info("Cell %(name)s listening on %(url)s (%(base)s.*)",
+                 {"name": cells.name, "url": transport_mod.mask_url(url),
+                  "base": cells.rpc_driver_queue_base})
+        self.reporter.start()
+        sd_notify("READY=1")
+
+    def request_stop(self, *_args):
+        """Signal handler: only sets a flag (huey's rule)."""
+        self._stop_requested.set()
+
+    def wait(self):
+        while not self._stop_requested.wait(1.0):
+            self.neighbours.refresh()
+
+    def stop(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        sd_notify("STOPPING=1")
+        LOG.info("Stopping: no new messages, draining in-flight work")
+        for server in self.servers:
+            server.stop()
+        for server in self.servers:
+            server.wait()
+        left = self.work.drain(self.conf.cells.drain_timeout)
+        if left:
+            LOG.warning("%d instances still had work in flight; the journal replays it "
+                        "at the next start", left)
+        self.reporter.stop()
+        self.poller.stop()
+        self.transports.close()
+        try:
+            self.backend.stop()
+        except exception.BackendError as e:
+            LOG.warning("Backend did not stop cleanly: %s", e.message)
+        self.store.close()
+        LOG.info("Stopped")

@@ -1,0 +1,516 @@
+"""SqlStore: the Store on SQLAlchemy Core, for SQLite (WAL) and PostgreSQL.
+
+The contract is in ``state/base.py``. This module keeps the tables as data,
+one transaction helper for writes and one for reads, and the schema versions.
+"""
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+import zlib
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from cellagent import exception
+from cellagent import objects
+from cellagent.state import base
+from cellagent.state.base import SCHEMA_VERSION
+
+LOG = logging.getLogger(__name__)
+
+# Schema choices that cannot be changed without a migration:
+# - datetimes are naive UTC: SQLite has no time zone type, and one rule for
+#   both databases beats two;
+# - JSON is Text holding json.dumps output, not a JSON type, so the same
+#   bytes work on SQLite and PostgreSQL;
+# - duplicate detection (journal.msg_uuid, the operations primary key) is a
+#   database constraint: it is the only thing two agent processes sharing a
+#   PostgreSQL database both obey.
+METADATA = sa.MetaData()
+
+SCHEMA_VERSION_TABLE = sa.Table(
+    "schema_version", METADATA,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+JOURNAL = sa.Table(
+    "journal", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("msg_uuid", sa.String(36), nullable=False, unique=True),
+    sa.Column("method", sa.String(255), nullable=False),
+    sa.Column("instance_uuid", sa.String(36), nullable=True, index=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    # Startup replay and `journal list --status` would otherwise scan a
+    # journal that only housekeeping keeps small.
+    sa.Index("ix_journal_status", "status"),
+)
+
+OPERATIONS = sa.Table(
+    "operations", METADATA,
+    sa.Column("instance_uuid", sa.String(36), primary_key=True),
+    sa.Column("operation", sa.String(64), primary_key=True),
+    sa.Column("msg_uuid", sa.String(36), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+INSTANCES = sa.Table(
+    "instances", METADATA,
+    sa.Column("instance_uuid", sa.String(36), primary_key=True),
+    sa.Column("backend_id", sa.String(255), nullable=False, default=""),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("vm_state", sa.String(32), nullable=False),
+    sa.Column("task_state", sa.String(32), nullable=True),
+    sa.Column("power_state", sa.Integer, nullable=False),
+    sa.Column("flavor", sa.Text, nullable=False),
+    sa.Column("image_ref", sa.String(255), nullable=False, default=""),
+    sa.Column("addresses", sa.Text, nullable=False),
+    sa.Column("launch_token", sa.String(255), nullable=False, default=""),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("project_id", sa.String(255), nullable=False, default="", index=True),
+    sa.Column("instance", sa.Text, nullable=False),
+    sa.Column("fault", sa.Text, nullable=False, default=""),
+    sa.Column("deleted", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False, index=True),
+)
+
+
+def _create_current(conn):
+    METADATA.create_all(conn)
+
+
+# MIGRATIONS[n] takes a database from version n to n + 1; a new schema
+# version appends one function. MIGRATIONS[0] creates the *current* tables,
+# so a fresh database goes straight to SCHEMA_VERSION and the later entries
+# only ever run on databases created by older code.
+MIGRATIONS = [_create_current]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+# Serialises concurrent `db sync` runs on one PostgreSQL database.
+_SYNC_LOCK_KEY = zlib.crc32(b"cellagent.sync_schema")
+
+# SQLite has one writer at a time. Left to itself, a second writer sleeps in
+# the busy handler in growing steps, which under the agent's write rate costs
+# far more than waiting on a lock; so writers of one process queue here, one
+# lock per database file, and only other processes go through busy_timeout.
+_SQLITE_LOCKS = {}
+_SQLITE_LOCKS_GUARD = threading.Lock()
+
+
+def _sqlite_lock(path):
+    with _SQLITE_LOCKS_GUARD:
+        return _SQLITE_LOCKS.setdefault(os.path.realpath(path), threading.Lock())
+
+
+def _translate_errors(method):
+    """Re-raise database failures as StateError with the password masked."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sa_exc.SQLAlchemyError, self._dbapi_error) as exc:
+            raise self._state_error(exc) from exc
+
+    return wrapper
+
+
+def _entry(row):
+    return objects.JournalEntry(**row._mapping)
+
+
+_INSERT_REQUEST = JOURNAL.insert()
+_START_ATTEMPT = (
+    JOURNAL.update()
+    .where(JOURNAL.c.id == sa.bindparam("b_id"))
+    .values(status=objects.JournalStatus.RUNNING, attempts=JOURNAL.c.attempts + 1,
+            updated_at=sa.bindparam("b_now"))
+    .returning(*JOURNAL.c))
+_SET_STATUS = (
+    JOURNAL.update()
+    .where(JOURNAL.c.id == sa.bindparam("b_id"))
+    .values(status=sa.bindparam("b_status"), updated_at=sa.bindparam("b_now")))
+_FINISH_REQUEST = _SET_STATUS.values(error=sa.bindparam("b_error"))
+_SELECT_UNFINISHED = (
+    JOURNAL.select()
+    .where(JOURNAL.c.status.in_(objects.JournalStatus.UNFINISHED))
+    .order_by(JOURNAL.c.id))
+_SELECT_REQUEST_BY_ID = JOURNAL.select().where(JOURNAL.c.id == sa.bindparam("b_key"))
+_SELECT_REQUEST_BY_UUID = JOURNAL.select().where(JOURNAL.c.msg_uuid == sa.bindparam("b_key"))
+
+_INSERT_OPERATION = OPERATIONS.insert()
+_OPERATION_KEY = sa.and_(OPERATIONS.c.instance_uuid == sa.bindparam("b_uuid"),
+                         OPERATIONS.c.operation == sa.bindparam("b_op"))
+_SELECT_OPERATION = sa.select(OPERATIONS.c.instance_uuid, OPERATIONS.c.operation,
+                              OPERATIONS.c.msg_uuid, OPERATIONS.c.status).where(_OPERATION_KEY)
+_FINISH_OPERATION = (OPERATIONS.update().where(_OPERATION_KEY)
+                     .values(status=base.OP_DONE, updated_at=sa.bindparam("b_now")))
+
+_SELECT_INSTANCE = INSTANCES.select().where(
+    INSTANCES.c.instance_uuid == sa.bindparam("b_uuid"))
+_DELETE_INSTANCE = (
+    INSTANCES.update()
+    .where(INSTANCES.c.instance_uuid == sa.bindparam("b_uuid"))
+    .values(deleted=True, state=objects.InstanceState.DELETED.value,
+            vm_state=objects.VmState.DELETED, updated_at=sa.bindparam("b_now"))
+    .returning(*INSTANCES.c))
+
+
+class SqlStore(base.Store):
+    """The Store on SQLite or PostgreSQL; see ``state/base.py``.
+
+    :param url: a SQLAlchemy URL. ``postgresql://`` (and ``postgres://``)
+        get the psycopg 3 driver; a SQLite file's directory is created.
+    :param busy_timeout: milliseconds SQLite waits for another process's
+        write lock (ignored on PostgreSQL).
+    :param pool_size: connections kept open; ``max_overflow`` more may be
+        opened under load, and a caller waits at most ``pool_timeout``
+        seconds for one.
+    :param pool_recycle: seconds after which a connection is replaced
+        (PostgreSQL; -1 never).
+    """
+
+    def __init__(self, url, busy_timeout=10000, pool_size=10, max_overflow=20,
+                 pool_timeout=30, pool_recycle=3600):
+        url = sa.engine.make_url(url)
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        self._password = url.password
+        self.url = url.render_as_string(hide_password=True)
+        self._is_sqlite = url.get_backend_name() == "sqlite"
+
+        kwargs = {"pool_size": pool_size, "max_overflow": max_overflow,
+                  "pool_timeout": pool_timeout}
+        if self._is_sqlite:
+            path = url.database
+            if not path or path == ":memory:" or path.startswith("file:"):
+                raise exception.ConfigurationError(
+                    reason="SQLite needs a database file (each connection would see its own "
+                           "in-memory database); use memory:// for a throwaway store")
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as exc:
+                raise exception.StateError(reason="%s: %s" % (self.url, exc)) from exc
+            self._write_lock = _sqlite_lock(path)
+        else:
+            kwargs["pool_recycle"] = pool_recycle
+            # PostgreSQL takes row locks itself; writers need no queue here.
+            self._write_lock = contextlib.nullcontext()
+
+        try:
+            self._engine = sa.create_engine(url, **kwargs)
+        except (sa_exc.ArgumentError, ImportError) as exc:
+            raise exception.ConfigurationError(
+                reason="database %s: %s" % (self.url, self._scrub(str(exc)))) from exc
+        self._dbapi_error = self._engine.dialect.loaded_dbapi.Error
+        if self._is_sqlite:
+            self._setup_sqlite(busy_timeout)
+
+        # Insert, or on conflict overwrite every column but created_at, in
+        # one statement (both dialects spell it ON CONFLICT DO UPDATE).
+        ins = (sqlite_dialect if self._is_sqlite else pg_dialect).insert(INSTANCES)
+        self._upsert_instance = ins.on_conflict_do_update(
+            index_elements=[INSTANCES.c.instance_uuid],
+            set_={c.name: ins.excluded[c.name] for c in INSTANCES.c
+                  if c.name not in ("instance_uuid", "created_at")},
+        ).returning(*INSTANCES.c)
+        LOG.debug("State store on %s", self.url)
+
+    def __repr__(self):
+        return "<SqlStore %s>" % self.url
+
+    def _setup_sqlite(self, busy_timeout):
+        @sa.event.listens_for(self._engine, "connect")
+        def on_connect(dbapi_conn, record):
+            # pysqlite's own BEGIN handling defers BEGIN to the first DML and
+            # commits before DDL; turn it off and emit BEGIN in on_begin.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA busy_timeout=%d" % int(busy_timeout))
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a power cut may lose the last commits but
+            # never corrupts; fsync per commit would cap us far below the
+            # message rate.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @sa.event.listens_for(self._engine, "begin")
+        def on_begin(conn):
+            # A write takes the write lock at BEGIN: a deferred transaction
+            # that reads first could not wait for it later (SQLITE_BUSY
+            # without calling the busy handler).
+            if conn.get_execution_options().get("cellagent_write"):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
+
+    # -- transaction helpers ----------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction: committed on exit, rolled back on error."""
+        with self._write_lock, self._engine.connect() as conn:
+            conn.execution_options(cellagent_write=True)
+            with conn.begin():
+                yield conn
+
+    def _read(self):
+        return self._engine.connect()
+
+    def _scrub(self, text):
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _state_error(self, exc):
+        detail = getattr(exc, "orig", None) or exc
+        # One line: drivers put newlines in messages that end up in logs.
+        reason = "%s: %s: %s" % (self.url, type(detail).__name__, " ".join(str(detail).split()))
+        return exception.StateError(reason=self._scrub(reason))
+
+    # -- schema -----------------------------------------------------------
+
+    @staticmethod
+    def _stored_version(conn):
+        if not sa.inspect(conn).has_table(SCHEMA_VERSION_TABLE.name):
+            return 0
+        return conn.execute(sa.select(SCHEMA_VERSION_TABLE.c.version)).scalar() or 0
+
+    @_translate_errors
+    def schema_version(self):
+        with self._read() as conn:
+            return self._stored_version(conn)
+
+    def check_schema(self):
+        found = self.schema_version()
+        if found != SCHEMA_VERSION:
+            raise exception.SchemaVersionError(found=found, wanted=SCHEMA_VERSION)
+
+    @_translate_errors
+    def sync_schema(self):
+        # Both databases have transactional DDL, so a failed upgrade leaves
+        # the previous version intact.
+        with self._write() as conn:
+            if not self._is_sqlite:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SYNC_LOCK_KEY)))
+            found = self._stored_version(conn)
+            if found > SCHEMA_VERSION:
+                raise exception.SchemaVersionError(found=found, wanted=SCHEMA_VERSION)
+            if found == SCHEMA_VERSION:
+                return found
+            if found == 0:
+                LOG.info("Creating the state schema in %s", self.url)
+                MIGRATIONS[0](conn)
+            else:
+                for version in range(found, SCHEMA_VERSION):
+                    LOG.info("Upgrading the state schema of %(url)s to version %(version)d",
+                             {"url": self.url, "version": version + 1})
+                    MIGRATIONS[version](conn)
+            conn.execute(SCHEMA_VERSION_TABLE.delete())
+            conn.execute(SCHEMA_VERSION_TABLE.insert().values(version=SCHEMA_VERSION))
+        LOG.info("State schema of %(url)s is at version %(version)d",
+                 {"url": self.url, "version": SCHEMA_VERSION})
+        return SCHEMA_VERSION
+
+    def close(self):
+        self._engine.dispose()
+
+    # -- journal ----------------------------------------------------------
+
+    @_translate_errors
+    def begin_request(self, msg_uuid, method, instance_uuid, payload):
+        now = base.utcnow()
+        values = {"msg_uuid": msg_uuid, "method": method, "instance_uuid": instance_uuid,
+                  "payload": payload, "status": objects.JournalStatus.RECEIVED,
+                  "attempts": 0, "error": "", "created_at": now, "updated_at": now}
+        try:
+            with self._write() as conn:
+                entry_id = conn.execute(_INSERT_REQUEST, values).inserted_primary_key[0]
+        except sa_exc.IntegrityError:
+            # Only a duplicate uuid is an expected conflict; anything else
+            # (a NULL method, say) is a bug that must not pass as a duplicate.
+            if self.get_request(msg_uuid) is None:
+                raise
+            return None
+        return objects.JournalEntry(id=entry_id, **values)
+
+    @_translate_errors
+    def start_attempt(self, entry_id):
+        with self._write() as conn:
+            row = conn.execute(_START_ATTEMPT, {"b_id": entry_id, "b_now": base.utcnow()}).first()
+        if row is None:
+            raise exception.StateError(reason="no journal entry %s" % entry_id)
+        return _entry(row)
+
+    def _set_status(self, stmt, params):
+        params["b_now"] = base.utcnow()
+        with self._write() as conn:
+            if conn.execute(stmt, params).rowcount != 1:
+                raise exception.StateError(reason="no journal entry %s" % params["b_id"])
+
+    @_translate_errors
+    def finish_request(self, entry_id, status, error=""):
+        base.check_final(status)
+        self._set_status(_FINISH_REQUEST, {"b_id": entry_id, "b_status": status,
+                                           "b_error": error or ""})
+
+    @_translate_errors
+    def requeue(self, entry_id):
+        self._set_status(_SET_STATUS, {"b_id": entry_id,
+                                       "b_status": objects.JournalStatus.RECEIVED})
+
+    @_translate_errors
+    def unfinished(self):
+        with self._read() as conn:
+            return [_entry(row) for row in conn.execute(_SELECT_UNFINISHED)]
+
+    @_translate_errors
+    def list_requests(self, limit=50, status=None):
+        stmt = JOURNAL.select().order_by(JOURNAL.c.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(JOURNAL.c.status == status)
+        with self._read() as conn:
+            return [_entry(row) for row in conn.execute(stmt)]
+
+    @_translate_errors
+    def get_request(self, entry_id_or_msg_uuid):
+        key = entry_id_or_msg_uuid
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            stmt, key = _SELECT_REQUEST_BY_ID, int(key)
+        else:
+            stmt = _SELECT_REQUEST_BY_UUID
+        with self._read() as conn:
+            row = conn.execute(stmt, {"b_key": key}).first()
+        return _entry(row) if row is not None else None
+
+    @_translate_errors
+    def purge_requests(self, older_than):
+        stmt = JOURNAL.delete().where(
+            JOURNAL.c.status.not_in(objects.JournalStatus.UNFINISHED),
+            JOURNAL.c.updated_at < older_than)
+        with self._write() as conn:
+            count = conn.execute(stmt).rowcount
+        LOG.info("Purged %(count)d journal entries older than %(when)s",
+                 {"count": count, "when": older_than})
+        return count
+
+    # -- operation claims -------------------------------------------------
+
+    @_translate_errors
+    def claim_operation(self, instance_uuid, operation, msg_uuid):
+        now = base.utcnow()
+        try:
+            with self._write() as conn:
+                conn.execute(_INSERT_OPERATION, {
+                    "instance_uuid": instance_uuid, "operation": operation,
+                    "msg_uuid": msg_uuid, "status": base.OP_CLAIMED,
+                    "created_at": now, "updated_at": now})
+            return True
+        except sa_exc.IntegrityError:
+            # Someone holds it: ours only if it is our own unfinished claim.
+            # Claims are never deleted, so the row is there to read.
+            held = self.get_operation(instance_uuid, operation)
+            if held is None:
+                raise
+            return held["msg_uuid"] == msg_uuid and held["status"] == base.OP_CLAIMED
+
+    @_translate_errors
+    def finish_operation(self, instance_uuid, operation):
+        with self._write() as conn:
+            conn.execute(_FINISH_OPERATION, {"b_uuid": instance_uuid, "b_op": operation,
+                                             "b_now": base.utcnow()})
+
+    @_translate_errors
+    def get_operation(self, instance_uuid, operation):
+        with self._read() as conn:
+            row = conn.execute(_SELECT_OPERATION,
+                               {"b_uuid": instance_uuid, "b_op": operation}).first()
+        return dict(row._mapping) if row is not None else None
+
+    # -- instance map -----------------------------------------------------
+
+    @_translate_errors
+    def put_instance(self, record):
+        now = base.utcnow()
+        values = base.record_values(record)
+        values.update(created_at=now, updated_at=now)
+        with self._write() as conn:
+            row = conn.execute(self._upsert_instance, values).one()
+        return base.to_record(row._mapping)
+
+    @_translate_errors
+    def get_instance(self, instance_uuid):
+        with self._read() as conn:
+            row = conn.execute(_SELECT_INSTANCE, {"b_uuid": instance_uuid}).first()
+        return base.to_record(row._mapping) if row is not None else None
+
+    @_translate_errors
+    def update_instance(self, instance_uuid, **fields):
+        values = base.instance_values(fields)
+        values["updated_at"] = base.utcnow()
+        # Compiled once per set of field names (SQLAlchemy's statement cache).
+        stmt = (INSTANCES.update()
+                .where(INSTANCES.c.instance_uuid == instance_uuid)
+                .values(**values)
+                .returning(*INSTANCES.c))
+        with self._write() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise exception.InstanceNotFound(instance_id=instance_uuid)
+        return base.to_record(row._mapping)
+
+    @_translate_errors
+    def delete_instance(self, instance_uuid):
+        with self._write() as conn:
+            row = conn.execute(_DELETE_INSTANCE,
+                               {"b_uuid": instance_uuid, "b_now": base.utcnow()}).first()
+        if row is None:
+            raise exception.InstanceNotFound(instance_id=instance_uuid)
+        return base.to_record(row._mapping)
+
+    @_translate_errors
+    def purge_deleted(self, older_than):
+        stmt = INSTANCES.delete().where(INSTANCES.c.deleted.is_(True),
+                                        INSTANCES.c.updated_at < older_than)
+        with self._write() as conn:
+            count = conn.execute(stmt).rowcount
+        LOG.info("Purged %(count)d deleted instances older than %(when)s",
+                 {"count": count, "when": older_than})
+        return count
+
+    @_translate_errors
+    def list_instances(self, include_deleted=False, project_id=None,
+                       updated_since=None, states=None):
+        stmt = INSTANCES.select().order_by(INSTANCES.c.created_at, INSTANCES.c.instance_uuid)
+        if not include_deleted:
+            stmt = stmt.where(INSTANCES.c.deleted.is_(False))
+        if project_id is not None:
+            stmt = stmt.where(INSTANCES.c.project_id == project_id)
+        if updated_since is not None:
+            stmt = stmt.where(INSTANCES.c.updated_at >= updated_since)
+        if states is not None:
+            stmt = stmt.where(INSTANCES.c.state.in_(
+                [objects.InstanceState(s).value for s in states]))
+        with self._read() as conn:
+            return [base.to_record(row._mapping) for row in conn.execute(stmt)]
+
+    @_translate_errors
+    def count_instances(self, include_deleted=False):
+        stmt = sa.select(sa.func.count()).select_from(INSTANCES)
+        if not include_deleted:
+            stmt = stmt.where(INSTANCES.c.deleted.is_(False))
+        with self._read() as conn:
+            return conn.execute(stmt).scalar_one()
