@@ -443,7 +443,10 @@ class CellManager:
         try:
             info = self._call(rec, "spawn", self.backend.spawn, request)
         except exception.BackendError as e:
-            return self._build_failed(rec, e.message, done, ctxt)
+            info = e
+        if isinstance(info, exception.BackendError):
+            # Outside the except block: the failure is reported, not a traceback.
+            return self._build_failed(rec, info.message, done, ctxt)
         rec.backend_id = info.backend_id
         rec.state = info.state
         self.store.update_instance(rec.instance_uuid, backend_id=info.backend_id,

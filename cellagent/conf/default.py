@@ -58,6 +58,12 @@ def register_opts(conf):
     for group, opts in (("oslo_messaging_metrics", metrics.oslo_messaging_metrics),
                         ("oslo_messaging_tracing", tracing.oslo_messaging_tracing)):
         conf.register_opts(opts, group=group)
+    # The rabbit driver's options (amqp_durable_queues...) are read by our own
+    # publisher too, possibly before oslo.messaging's driver registered them.
+    from oslo_messaging import opts as messaging_opts
+    for group, opts in messaging_opts.list_opts():
+        if group == "oslo_messaging_rabbit":
+            conf.register_opts(opts, group=group)
     # Nova's exchange (nova/config.py sets control_exchange='nova').
     conf.set_default("control_exchange", "nova")
 

@@ -197,8 +197,8 @@ class SqlStore(base.Store):
             path = url.database
             if not path or path == ":memory:" or path.startswith("file:"):
                 raise exception.ConfigurationError(
-                    reason="SQLite needs a database file (each connection would see its own "
-                           "in-memory database); use memory:// for a throwaway store")
+                    reason="SQLite needs a database file path (each connection would see its "
+                           "own in-memory database); use memory:// for a throwaway store")
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             except OSError as exc:
@@ -207,7 +207,8 @@ class SqlStore(base.Store):
         else:
             kwargs["pool_recycle"] = pool_recycle
             # PostgreSQL takes row locks itself; writers need no queue here.
-            self._write_lock = contextlib.nullcontext()
+            self._write_lock = None
+        self._writer = None
 
         try:
             self._engine = sa.create_engine(url, **kwargs)
@@ -249,23 +250,37 @@ class SqlStore(base.Store):
 
         @sa.event.listens_for(self._engine, "begin")
         def on_begin(conn):
-            # A write takes the write lock at BEGIN: a deferred transaction
-            # that reads first could not wait for it later (SQLITE_BUSY
-            # without calling the busy handler).
+            # A write takes SQLite's write lock at BEGIN: a deferred
+            # transaction that read first could not wait for it later
+            # (SQLITE_BUSY without the busy handler). Reads are single
+            # statements, each its own snapshot: they need no BEGIN.
+            # Straight to the driver, as this runs on every write.
             if conn.get_execution_options().get("cellagent_write"):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                conn.exec_driver_sql("BEGIN")
+                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
     # -- transaction helpers ----------------------------------------------
 
     @contextlib.contextmanager
     def _write(self):
         """One write transaction: committed on exit, rolled back on error."""
-        with self._write_lock, self._engine.connect() as conn:
-            conn.execution_options(cellagent_write=True)
-            with conn.begin():
+        if self._write_lock is None:
+            with self._engine.begin() as conn:
                 yield conn
+            return
+        # SQLite writes are serialised anyway, so they share one connection
+        # instead of going through the pool: that nearly halves their cost.
+        with self._write_lock:
+            if self._writer is None:
+                self._writer = self._engine.connect().execution_options(cellagent_write=True)
+            try:
+                with self._writer.begin():
+                    yield self._writer
+            except sa_exc.DBAPIError as exc:
+                if not isinstance(exc, sa_exc.IntegrityError):
+                    # Start the next write on a fresh connection.
+                    self._writer.close()
+                    self._writer = None
+                raise
 
     def _read(self):
         return self._engine.connect()
@@ -326,6 +341,11 @@ class SqlStore(base.Store):
         return SCHEMA_VERSION
 
     def close(self):
+        if self._write_lock is not None:
+            with self._write_lock:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
         self._engine.dispose()
 
     # -- journal ----------------------------------------------------------
@@ -342,8 +362,9 @@ class SqlStore(base.Store):
         except sa_exc.IntegrityError:
             # Only a duplicate uuid is an expected conflict; anything else
             # (a NULL method, say) is a bug that must not pass as a duplicate.
-            if self.get_request(msg_uuid) is None:
-                raise
+            with self._read() as conn:
+                if conn.execute(_SELECT_REQUEST_BY_UUID, {"b_key": msg_uuid}).first() is None:
+                    raise
             return None
         return objects.JournalEntry(id=entry_id, **values)
 

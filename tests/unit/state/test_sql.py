@@ -97,4 +97,5 @@ class TestSqliteStore(StoreContract):
         assert "bob:***@127.0.0.1" in str(err.value)
 
     def test_two_stores_share_one_write_lock(self):
-        assert self.make_store()._write_lock is self.make_store()._write_lock
+        first, second = self.new_store(sync=False), self.new_store(sync=False)
+        assert first._write_lock is second._write_lock
