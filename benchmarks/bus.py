@@ -408,6 +408,44 @@ def up_plan(bodies, build_uuids):
     return plan
 
 
+def proc_cpu(pid):
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def host_cpu():
+    """(busy, iowait, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle, iowait = v[3], v[4]
+    return sum(v) - idle - iowait, iowait, sum(v)
+
+
+class CpuMeter:
+    """CPU used by one process and by the whole machine between start and stop."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.p0, self.h0 = proc_cpu(pid), host_cpu()
+        self.result = None
+
+    def stop(self):
+        p1, h1 = proc_cpu(self.pid), host_cpu()
+        total = max(1, h1[2] - self.h0[2])
+        self.result = {
+            "process_cpu_s": (round(p1 - self.p0, 2)
+                              if p1 is not None and self.p0 is not None else None),
+            "host_busy_pct": round(100.0 * (h1[0] - self.h0[0]) / total, 1),
+            "host_iowait_pct": round(100.0 * (h1[1] - self.h0[1]) / total, 1),
+            "host_cpus": os.cpu_count()}
+        return self.result
+
+
 def rates(n, counter, t0, before, after, extra=None):
     seconds = counter.done_at - t0
     up = (after["broadcast"] + after["fanout"]) - (before["broadcast"] + before["fanout"])
@@ -610,6 +648,7 @@ def run_agent_side(args, vhosts, builds, tmp):
                                 "the agent's consumer", 0.001, agent.check_alive)
         finally:
             watch.close()
+        meter = CpuMeter(pid)
         before = counter.snapshot()
         log("agent (pid %d) consuming: window open (queue %s)", pid, st)
         if args.profile:
@@ -629,13 +668,14 @@ def run_agent_side(args, vhosts, builds, tmp):
         if counter.failure:
             raise counter.failure
         at_done = counter.snapshot()
+        cpu = meter.stop()
         log("agent side: all %d active after %.2f s", n, counter.done_at - t0)
         stop_profiler(spy)
         spy = None
         counter.wait_quiet(1.5, 10)
         settled = counter.snapshot()
         agent.stop(args.start_timeout)
-        extra = {"journal": journal_stats(db.url if db else None, tmp),
+        extra = {"cpu": cpu, "journal": journal_stats(db.url if db else None, tmp),
                  "up_messages_incl_trailing": (settled["broadcast"] + settled["fanout"]
                                                - before["broadcast"] - before["fanout"]),
                  "queue_at_start": {"messages": st[0], "consumers": st[1]}}
@@ -689,6 +729,7 @@ def run_baseline_side(args, vhosts, builds, plan, tmp):
                                 "the baseline consumer", 0.001, alive)
         finally:
             watch.close()
+        meter = CpuMeter(proc.pid)
         before = counter.snapshot()
         log("baseline (pid %d) consuming: window open (queue %s)", proc.pid, st)
         deadline = t0 + args.timeout
@@ -704,9 +745,10 @@ def run_baseline_side(args, vhosts, builds, plan, tmp):
         if counter.failure:
             raise counter.failure
         at_done = counter.snapshot()
+        cpu = meter.stop()
         log("baseline: all %d active after %.2f s", n, counter.done_at - t0)
         return rates(n, counter, t0, before, at_done,
-                     {"queue_at_start": {"messages": st[0], "consumers": st[1]}})
+                     {"cpu": cpu, "queue_at_start": {"messages": st[0], "consumers": st[1]}})
     finally:
         if proc is not None and proc.poll() is None:
             try:
@@ -749,6 +791,7 @@ def baseline_worker(args):
                 pass
     child.release()
     parent.release()
+    time.sleep(3)   # stay alive while the parent reads our CPU time
     return 0 if done[0] >= n else 1
 
 

@@ -11,7 +11,6 @@ def init_threading():
     installed as a dependency of a dependency, and importing it prints a
     deprecation warning, silenced here.
     """
-    warnings.filterwarnings("ignore", module="eventlet")
-    warnings.filterwarnings("ignore", message=".*[Ee]ventlet.*")
+    warnings.filterwarnings("ignore", message=r"(?s)\s*eventlet is deprecated")
     from oslo_service import backend
     backend.init_backend(backend.BackendType.THREADING)

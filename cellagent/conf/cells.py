@@ -145,8 +145,7 @@ Possible values:
     cfg.StrOpt(
         "cells_config",
         help="""
-Path of a JSON file of neighbour cell records, in nova's ``cells.json``
-format.
+Path of a JSON file of neighbour cell records (nova's ``cells.json``).
 
 The top-level keys are cell names; each value holds ``transport_url``,
 ``is_parent``, ``weight_offset`` and ``weight_scale`` (and optionally

@@ -13,3 +13,10 @@ _MODULES = (default, cells, database, backend)
 
 def list_opts():
     return [item for module in _MODULES for item in module.list_opts()]
+
+
+def update_defaults():
+    """``oslo.config.opts.defaults`` hook: the sample shows nova's exchange."""
+    from oslo_config import cfg
+    from oslo_messaging import transport
+    cfg.set_defaults(transport._transport_opts, control_exchange="nova")
