@@ -357,7 +357,12 @@ def rpc_servers(transport, url, base, host, endpoint):
     for mtype in MESSAGE_TYPES:
         target = oslo_messaging.Target(topic=topic_for(base, mtype), server=host,
                                        exchange=exchange_for(url))
-        servers.append(oslo_messaging.get_rpc_server(
-            transport, target, [endpoint], executor="threading",
-            access_policy=dispatcher.DefaultRPCAccessPolicy))
+        # No executor argument (deprecated in oslo.messaging 18): without
+        # eventlet monkey-patching oslo.messaging picks the threading executor.
+        server = oslo_messaging.get_rpc_server(
+            transport, target, [endpoint], access_policy=dispatcher.DefaultRPCAccessPolicy)
+        if server.executor_type != "threading":
+            raise RuntimeError("oslo.messaging chose the %s executor; cellagent runs on "
+                               "native threads only" % server.executor_type)
+        servers.append(server)
     return servers
