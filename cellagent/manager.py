@@ -63,7 +63,7 @@ def _instance_uuid(value):
 
 def scrub(msg):
     """The message as stored in the journal: no passwords, no token."""
-    data = msg.to_dict()
+    data = json.loads(msg.to_json())    # a deep copy: the live message keeps its secrets
     data["ctxt"] = dict(data["ctxt"], auth_token=None)
     kwargs = data["method_kwargs"]
     for holder in (kwargs, kwargs.get("build_inst_kwargs")):
@@ -361,7 +361,11 @@ class CellManager:
         decoded = [intercell.obj_data(i, "Instance")[0] for i in instances]
         if any(not isinstance(d.get("uuid"), str) or not d["uuid"] for d in decoded):
             raise exception.MalformedMessage(reason="an instance has no uuid")
-        flavor = self._flavor_of(kwargs, decoded[0])
+        try:
+            flavor, invalid = self._flavor_of(kwargs, decoded[0]), None
+        except exception.MalformedMessage as e:
+            # The instances are real at the top: fail them visibly, with a fault.
+            flavor, invalid = None, e.message
         image = kwargs.get("image") if isinstance(kwargs.get("image"), dict) else {}
         for index, data in enumerate(decoded):
             uuid = data["uuid"]
@@ -375,13 +379,16 @@ class CellManager:
                 instance = {k: v for k, v in data.items() if k != "id"}
                 instance.setdefault("launch_index", index)
                 rec = InstanceRecord(
-                    instance_uuid=uuid, flavor=flavor.to_dict(),
+                    instance_uuid=uuid, flavor=flavor.to_dict() if flavor else {},
                     image_ref=str(data.get("image_ref") or image.get("id") or ""),
                     launch_token="%s-1" % uuid, generation=1,
                     project_id=str(data.get("project_id") or ""), instance=instance)
                 self.store.put_instance(rec)
-            request = self._build_request(rec, data, kwargs, flavor, image, index)
             done = job.part()
+            if invalid:
+                self._build_failed(rec, "Invalid build request: %s" % invalid, done, msg.ctxt)
+                continue
+            request = self._build_request(rec, data, kwargs, flavor, image, index)
             if rec.state == InstanceState.RUNNING and rec.backend_id:
                 # Replay after the build finished but before the journal did.
                 futures = self._report(rec, ["vm_state", "task_state"], msg.ctxt)
@@ -404,12 +411,15 @@ class CellManager:
         prim = props.get("instance_type") if isinstance(props, dict) else None
         if prim is None:
             prim = data.get("flavor")
-        if prim is not None:
-            fdata, _ = intercell.obj_data(prim, "Flavor")
-            flavor = Flavor.from_primitive_data(fdata)
-        else:
-            flavor = Flavor.from_primitive_data(
-                {"name": data.get("instance_type_id") or "unknown", **data})
+        try:
+            if prim is not None:
+                fdata, _ = intercell.obj_data(prim, "Flavor")
+                flavor = Flavor.from_primitive_data(fdata)
+            else:
+                flavor = Flavor.from_primitive_data(
+                    {"name": data.get("instance_type_id") or "unknown", **data})
+        except (TypeError, ValueError, OverflowError) as e:
+            raise exception.MalformedMessage(reason=str(e))
         if flavor.memory_mb <= 0:
             raise exception.MalformedMessage(reason="flavor has no memory_mb")
         if self.flavors is not None and self.flavors.learn(flavor):
@@ -867,12 +877,13 @@ class CellManager:
     def _node_data(self):
         cap = self._capacity()
         records = self.store.list_instances()
-        vcpus_used = sum(int(r.flavor.get("vcpus") or 0) for r in records)
+        vcpus_used = cap.vcpus_used or sum(int(r.flavor.get("vcpus") or 0) for r in records)
+        vcpus = max(cap.vcpus_total, vcpus_used)
         now = intercell.format_obj_datetime()
         return {
             "id": 1, "uuid": None, "host": self.host, "hypervisor_hostname": self.node,
             "hypervisor_type": self.backend.name, "hypervisor_version": 1,
-            "vcpus": max(vcpus_used, 0), "vcpus_used": vcpus_used,
+            "vcpus": vcpus, "vcpus_used": vcpus_used,
             "memory_mb": cap.ram_total_mb, "memory_mb_used": cap.ram_total_mb - cap.ram_free_mb,
             "local_gb": cap.disk_total_mb // 1024,
             "local_gb_used": (cap.disk_total_mb - cap.disk_free_mb) // 1024,

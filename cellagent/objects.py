@@ -89,6 +89,9 @@ NOVA_STATES = {
 }
 
 
+MAX_INT = 2 ** 31 - 1
+
+
 class RebootKind(str, enum.Enum):
     SOFT = "SOFT"
     HARD = "HARD"
@@ -124,9 +127,21 @@ class Flavor:
             raise ValueError("flavor %r has a negative or zero size" % text)
         return cls(parts[0], *nums)
 
+    def __post_init__(self):
+        # Nova's own bounds (db.MAX_INT): anything larger is not a flavor.
+        for field in ("memory_mb", "vcpus", "root_gb", "ephemeral_gb", "swap"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    not 0 <= value <= MAX_INT:
+                raise ValueError("flavor %s: %s=%r is not an integer between 0 and %d"
+                                 % (self.name, field, value, MAX_INT))
+
     @classmethod
     def from_primitive_data(cls, data):
-        """From the ``nova_object.data`` of a Flavor primitive (or a plain dict)."""
+        """From the ``nova_object.data`` of a Flavor primitive (or a plain dict).
+
+        Raises ValueError for sizes that are not integers within Nova's bounds.
+        """
         return cls(name=str(data.get("name") or data.get("flavorid") or "unnamed"),
                    memory_mb=int(data.get("memory_mb") or 0),
                    vcpus=int(data.get("vcpus") or 0),
@@ -196,6 +211,7 @@ class Capacity:
     """A backend's room, from which the reporter builds the cells v1 payload.
 
     ``*_total_mb`` and ``*_free_mb`` are raw figures (reserve not applied).
+    ``vcpus_*`` feed the compute node Nova's API shows for this cell.
     ``max_units`` optionally caps the number of instances per flavor name
     (quota, budget or an unavailable instance type); a flavor missing from it
     is limited by RAM and disk only.
@@ -206,6 +222,8 @@ class Capacity:
     disk_total_mb: int
     disk_free_mb: int
     max_units: dict = dataclasses.field(default_factory=dict)
+    vcpus_total: int = 0       # 0: the backend does not count vCPUs
+    vcpus_used: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

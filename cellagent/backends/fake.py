@@ -225,7 +225,8 @@ class FakeBackend(base.Backend):
                             ram_free_mb=max(ram - self._used["ram_mb"], 0),
                             disk_total_mb=disk,
                             disk_free_mb=max(disk - self._used["disk_mb"], 0),
-                            max_units=max_units)
+                            max_units=max_units, vcpus_total=self._opts.vcpus,
+                            vcpus_used=self._used["vcpus"])
 
     def get_console_output(self, ref, tail_length=None):
         with self._op("get_console_output"):

@@ -431,8 +431,8 @@ def unwrap_envelope(body):
         if body.get("method") != RPC_METHOD:
             raise exception.MalformedMessage(reason="method is %r" % body.get("method"))
         return body["args"]["message"]
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise exception.MalformedMessage(reason="bad envelope: %s" % e)
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
+        raise exception.MalformedMessage(reason="bad envelope: %s" % type(e).__name__)
 
 
 # -- Nova object primitives (section 2.8) --------------------------------------
@@ -463,6 +463,8 @@ def obj_data(value, name=None):
             return value, []
         raise exception.MalformedMessage(
             reason="expected %s object, got %s" % (name or "an", type(value).__name__))
+    if not isinstance(value["nova_object.name"], str):
+        raise exception.MalformedMessage(reason="nova_object.name is not a string")
     if name and value["nova_object.name"] != name:
         raise exception.MalformedMessage(
             reason="expected %s object, got %s" % (name, value["nova_object.name"]))
