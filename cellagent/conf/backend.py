@@ -7,6 +7,8 @@ and ``[openstack]`` groups will join them in this module.
 
 from oslo_config import cfg
 
+from cellagent.conf import group
+
 backend_group = cfg.OptGroup("backend", title="Backend options", help="""
 Which cloud runs this cell's instances, and how the manager drives it:
 worker threads, the batched poll of instances in transition, retries.
@@ -286,12 +288,8 @@ Possible values:
 
 
 def register_opts(conf):
-    for group, opts in ((backend_group, backend_opts), (fake_group, fake_opts)):
-        # A fresh OptGroup per ConfigOpts: register_group() only shallow-copies
-        # the one it is given, so a shared module-level group would share its
-        # option dict, and set_override() values, between ConfigOpts objects.
-        conf.register_group(cfg.OptGroup(group.name, title=group.title, help=group.help))
-        conf.register_opts(opts, group=group.name)
+    group.register(conf, backend_group, backend_opts)
+    group.register(conf, fake_group, fake_opts)
 
 
 def list_opts():

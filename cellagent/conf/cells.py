@@ -7,6 +7,8 @@ have are marked as cellagent's own.
 
 from oslo_config import cfg
 
+from cellagent.conf import group
+
 cells_group = cfg.OptGroup("cells", title="Cells options", help="""
 The nova cells v1 inter-cell protocol as this agent speaks it: the cell's
 name, its neighbours, what it reports to its parents and how long it waits.
@@ -190,10 +192,7 @@ Possible values:
 
 
 def register_opts(conf):
-    # A fresh OptGroup per ConfigOpts: register_group() only shallow-copies
-    # the one it is given, which would share overrides between ConfigOpts.
-    conf.register_group(cfg.OptGroup(cells_group.name, title=cells_group.title, help=cells_group.help))
-    conf.register_opts(cells_opts, group=cells_group.name)
+    group.register(conf, cells_group, cells_opts)
 
 
 def list_opts():

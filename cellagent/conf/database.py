@@ -2,6 +2,8 @@
 
 from oslo_config import cfg
 
+from cellagent.conf import group
+
 database_group = cfg.OptGroup("database", title="Database options", help="""
 The durable state of the agent: the journal of received work and the
 instance map. SQLite (WAL) by default; PostgreSQL lets several agent
@@ -55,10 +57,7 @@ Possible values:
 
 
 def register_opts(conf):
-    # A fresh OptGroup per ConfigOpts: register_group() only shallow-copies
-    # the one it is given, which would share overrides between ConfigOpts.
-    conf.register_group(cfg.OptGroup(database_group.name, title=database_group.title, help=database_group.help))
-    conf.register_opts(database_opts, group=database_group.name)
+    group.register(conf, database_group, database_opts)
 
 
 def list_opts():

@@ -9,8 +9,8 @@ from tests.functional.test_lifecycle import build_message
 
 
 def test_sigkill_mid_builds_then_restart_builds_each_once(parent, agent_factory):
-    agent = agent_factory(fake__spawn_delay=0.3, fake__ram_mb=600000, fake__vcpus=1000, fake__disk_gb=100000,
-                          backend__workers=8).start()
+    agent = agent_factory(fake__spawn_delay=0.3, fake__ram_mb=600000, fake__vcpus=1000,
+                          fake__disk_gb=100000, backend__workers=8).start()
     uuids = [str(uuid.uuid4()) for _ in range(200)]
     batches = [uuids[i:i + 5] for i in range(0, len(uuids), 5)]
     for batch in batches:
