@@ -390,9 +390,12 @@ class CellManager:
                 continue
             request = self._build_request(rec, data, kwargs, flavor, image, index)
             if rec.state == InstanceState.RUNNING and rec.backend_id:
-                # Replay after the build finished but before the journal did.
-                futures = self._report(rec, ["vm_state", "task_state"], msg.ctxt)
-                self._after_confirm(futures, lambda d=done: d())
+                # Replay after the build finished but before its report was
+                # confirmed: send every field this cell owns again.
+                futures = self._report(rec, [f for f in OWNED_FIELDS if f in rec.instance],
+                                       msg.ctxt)
+                self._after_confirm(futures, lambda abandon=False, u=uuid, d=done:
+                                    self._op_done(u, "build", d, abandon))
                 continue
             # The first report carries every field as changed, so a top that
             # lost (or never had) the row recreates it from this message.
@@ -556,7 +559,15 @@ class CellManager:
     def _delete(self, uuid, msg, job):
         rec = self.store.get_instance(uuid)
         if rec is not None and rec.deleted:
-            LOG.warning("[instance: %s] Dropped delete: already deleted", uuid)
+            if self.store.claim_operation(uuid, "delete", msg.uuid):
+                # Our own delete, replayed after a crash between the delete and
+                # the confirm of its report: tell the top again.
+                done = job.part()
+                self._after_confirm(self.parent.instance_destroy_at_top(
+                    intercell.obj_primitive("Instance", {"uuid": uuid}), msg.ctxt),
+                    lambda abandon=False: self._op_done(uuid, "delete", done, abandon))
+            else:
+                LOG.warning("[instance: %s] Dropped delete: already deleted", uuid)
             return
         if rec is None:
             LOG.warning("[instance: %s] Delete of an instance this cell does not have; "
