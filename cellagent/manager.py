@@ -142,7 +142,7 @@ class CellManager:
 
     def __init__(self, cell_name, host, store, backend, parent_api, workqueue,
                  reporter=None, flavors=None, transition_timeout=600,
-                 retries=3, retry_delay=1.0, confirm_timeout=60.0):
+                 retries=3, retry_delay=1.0):
         self.cell_name = cell_name
         self.host = host
         self.node = "%s-%s" % (backend.name, host)
@@ -155,7 +155,6 @@ class CellManager:
         self.transition_timeout = transition_timeout
         self.retries = retries
         self.retry_delay = retry_delay
-        self.confirm_timeout = confirm_timeout
         self._locks = {}
         self._locks_lock = threading.Lock()
         self._targeted = {

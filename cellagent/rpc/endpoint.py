@@ -146,25 +146,20 @@ class Router:
     def _response(self, msg):
         try:
             next_name = intercell.next_hop_name(msg)
+            responses = intercell.parse_response_list(msg) if next_name is None else None
         except exception.MessageError as e:
             LOG.warning("Dropped response %(msg)s: %(err)s",
                         {"msg": msg.describe(), "err": e.message})
             return
-        if next_name is not None:
-            # No hop-count check for responses; the last hop is fanout.
-            fwd = intercell.forward_copy(msg)
-            if msg.target_cell.count(intercell.PATH_SEP) == \
-                    msg.routing_path.count(intercell.PATH_SEP) + 1:
-                fwd.fanout = True
-            self._sender.forward(fwd, next_name)
+        if next_name is None:
+            self.waiters.deliver(msg.response_uuid, responses)
             return
-        try:
-            responses = intercell.parse_response_list(msg)
-        except exception.MessageError as e:
-            LOG.warning("Dropped response %(msg)s: %(err)s",
-                        {"msg": msg.describe(), "err": e.message})
-            return
-        self.waiters.deliver(msg.response_uuid, responses)
+        # No hop-count check for responses; the last hop is fanout.
+        fwd = intercell.forward_copy(msg)
+        if msg.target_cell.count(intercell.PATH_SEP) == \
+                msg.routing_path.count(intercell.PATH_SEP) + 1:
+            fwd.fanout = True
+        self._sender.forward(fwd, next_name)
 
     # -- local execution ------------------------------------------------------
 
