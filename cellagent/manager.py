@@ -200,12 +200,13 @@ class CellManager:
         if not journaled:
             return method(msg, None)
         instance_uuid = self._journal_instance(msg)
-        journal = self.store.begin_request(msg.uuid, msg.method_name, instance_uuid, scrub(msg))
+        journal = self.store.begin_request(msg.uuid, msg.method_name, instance_uuid, scrub(msg),
+                                           start=True)
         if journal is None:
             LOG.warning("Dropped duplicate message %(uuid)s (%(method)s)",
                         {"uuid": msg.uuid, "method": msg.method_name})
             return None
-        return self._execute(journal.id, msg)
+        return self._execute(journal.id, msg, started=True)
 
     def _journal_instance(self, msg):
         kwargs = msg.method_kwargs
@@ -217,8 +218,9 @@ class CellManager:
         except (KeyError, IndexError, TypeError, exception.MessageError):
             return None
 
-    def _execute(self, entry_id, msg):
-        self.store.start_attempt(entry_id)
+    def _execute(self, entry_id, msg, started=False):
+        if not started:
+            self.store.start_attempt(entry_id)
         job = Job(self.store, entry_id, msg)
         method = (self._targeted if msg.message_type == "targeted"
                   else self._broadcast)[msg.method_name][0]
@@ -254,15 +256,19 @@ class CellManager:
                 lock = self._locks[uuid] = threading.Lock()
             return lock
 
-    def _report(self, rec, changes, ctxt, **fields):
+    def _report(self, rec, changes, ctxt, persist=True, **fields):
         """Apply ``fields`` to the record, store it, send the update up.
 
-        Returns the list of confirm futures.
+        ``persist=False`` skips the store for intermediate states that a
+        replay would recompute anyway (the hot path of a build writes the
+        record twice: when received and when settled). Returns the list of
+        confirm futures.
         """
         with self._lock(rec.instance_uuid):
-            fresh = self.store.get_instance(rec.instance_uuid)
-            if fresh is not None:
-                rec.instance = fresh.instance
+            if persist:
+                fresh = self.store.get_instance(rec.instance_uuid)
+                if fresh is not None:
+                    rec.instance = fresh.instance
             data = dict(rec.instance)
             data.update(fields)
             data["uuid"] = rec.instance_uuid
@@ -270,7 +276,8 @@ class CellManager:
             for name in ("vm_state", "task_state", "power_state"):
                 if name in fields:
                     setattr(rec, name, fields[name])
-            self.store.put_instance(rec)
+            if persist:
+                self.store.put_instance(rec)
         prim = intercell.obj_primitive("Instance", data, changes)
         return self.parent.instance_update_at_top(prim, ctxt)
 
@@ -399,10 +406,10 @@ class CellManager:
             # The first report carries every field as changed, so a top that
             # lost (or never had) the row recreates it from this message.
             first = set(rec.instance) - TOP_RESETS | {"task_state", "vm_state", "uuid"}
-            futures = self._report(rec, sorted(first), msg.ctxt,
+            futures = self._report(rec, sorted(first), msg.ctxt, persist=False,
                                    vm_state=VmState.BUILDING,
                                    task_state=TaskState.SCHEDULING)
-            LOG.info("[instance: %(uuid)s] Build accepted (%(flavor)s)",
+            LOG.debug("[instance: %(uuid)s] Build accepted (%(flavor)s)",
                      {"uuid": uuid, "flavor": flavor.name})
             del futures  # the first report is fire-and-confirm; the last one gates
             self.work.submit(uuid, lambda r=rec, q=request, d=done, c=msg.ctxt:
@@ -450,8 +457,6 @@ class CellManager:
             admin_password=password if isinstance(password, str) and password != "***" else "")
 
     def _spawn(self, rec, request, done, ctxt):
-        self._report(rec, ["host", "node", "task_state"], ctxt, task_state=TaskState.SPAWNING,
-                     host=self.host, node=self.node)
         try:
             info = self._call(rec, "spawn", self.backend.spawn, request)
         except exception.BackendError as e:
@@ -461,10 +466,13 @@ class CellManager:
             return self._build_failed(rec, info.message, done, ctxt)
         rec.backend_id = info.backend_id
         rec.state = info.state
-        self.store.update_instance(rec.instance_uuid, backend_id=info.backend_id,
-                                   state=info.state)
         self._changed()
         if info.state.is_transitional:
+            # Accepted by the provider: "spawning" until it runs.
+            self.store.update_instance(rec.instance_uuid, backend_id=info.backend_id,
+                                       state=info.state)
+            self._report(rec, ["host", "node", "task_state"], ctxt, persist=False,
+                         task_state=TaskState.SPAWNING, host=self.host, node=self.node)
             return Transition(self._ref(rec), lambda i: self._spawned(rec, i, done, ctxt),
                               frozenset({InstanceState.RUNNING}), self.transition_timeout)
         return self._spawned(rec, info, done, ctxt)
@@ -487,7 +495,8 @@ class CellManager:
         rec.state = InstanceState.RUNNING
         fields = self._settled_fields(info)
         fields.update(self._network_fields(rec, addresses))
-        fields["launched_at"] = intercell.format_obj_datetime()
+        fields.update(launched_at=intercell.format_obj_datetime(), host=self.host,
+                      node=self.node)
         futures = self._report(rec, sorted(fields), ctxt, **fields)
         LOG.info("[instance: %(uuid)s] Active at %(ip)s",
                  {"uuid": rec.instance_uuid, "ip": fields.get("access_ip_v4")})

@@ -20,6 +20,7 @@ virtual host; on RabbitMQ the exchange is always ``control_exchange``.
 
 import collections
 import concurrent.futures
+import json
 import logging
 import socket
 import threading
@@ -131,6 +132,11 @@ class KombuPublisher:
         self._failing = False
         self.published = 0
         self.confirm_batches = 0
+        # Confirm callbacks (journal writes) run here, never on the thread
+        # that owns the connection, so a slow database does not stall
+        # publishing; one thread keeps them in confirm order.
+        self._completer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="confirmed")
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="publisher-%s" % self._safe_url)
         self._thread.start()
@@ -138,7 +144,8 @@ class KombuPublisher:
     def publish(self, message, base):
         """Queue ``message`` for its topic; returns a Future set on confirm."""
         topic = topic_for(base, message.message_type)
-        body = intercell.envelope(message)
+        # Serialized here, once: kombu then sends the text as it is.
+        body = json.dumps(intercell.envelope(message))
         if message.fanout:
             exchange = kombu.Exchange("%s_fanout" % topic, type="fanout",
                                       durable=False, auto_delete=True)
@@ -165,6 +172,7 @@ class KombuPublisher:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(max(0.1, deadline - time.monotonic()))
+        self._completer.shutdown(wait=True)
         for item in list(self._pending) + list(self._unacked.values()):
             if not item.future.done():
                 item.future.set_exception(PublishError("publisher closed"))
@@ -237,7 +245,9 @@ class KombuPublisher:
                 item.exchange(self._channel).declare()
                 self._declared.add(item.exchange.name)
             self._producer.publish(item.body, exchange=item.exchange,
-                                   routing_key=item.routing_key, retry=False)
+                                   routing_key=item.routing_key, retry=False,
+                                   content_type="application/json",
+                                   content_encoding="utf-8")
             self._unacked[self._next_tag] = item
             self._next_tag += 1
         deadline = time.monotonic() + self._confirm_timeout
@@ -260,8 +270,9 @@ class KombuPublisher:
         return [self._unacked.pop(t) for t in tags]
 
     def _on_ack(self, delivery_tag, multiple):
-        for item in self._confirmed(delivery_tag, multiple):
-            item.future.set_result(True)
+        items = self._confirmed(delivery_tag, multiple)
+        if items:
+            self._completer.submit(_resolve, items)
 
     def _on_nack(self, delivery_tag, multiple):
         items = self._confirmed(delivery_tag, multiple)
@@ -269,6 +280,12 @@ class KombuPublisher:
                     {"url": self._safe_url, "n": len(items)})
         with self._cond:
             self._pending.extendleft(reversed(items))
+
+
+def _resolve(items):
+    for item in items:
+        if not item.future.done():
+            item.future.set_result(True)
 
 
 class OsloPublisher:

@@ -116,8 +116,12 @@ class Store(abc.ABC):
     # -- journal ----------------------------------------------------------
 
     @abc.abstractmethod
-    def begin_request(self, msg_uuid, method, instance_uuid, payload):
+    def begin_request(self, msg_uuid, method, instance_uuid, payload, start=False):
         """Record a received message before anything acts on it.
+
+        With ``start`` the entry is written RUNNING with one attempt, in the
+        same statement (what ``start_attempt`` would do next): the hot path
+        of a message acted on at once saves a write.
 
         ``payload`` is the raw cells message JSON, kept so that startup can
         replay it. ``instance_uuid`` may be None for messages that are not
@@ -127,7 +131,8 @@ class Store(abc.ABC):
         that of two threads or two processes receiving the same message
         exactly one gets the entry.
 
-        :returns: the new ``JournalEntry`` (status RECEIVED, attempts 0), or
+        :returns: the new ``JournalEntry`` (status RECEIVED, attempts 0, or
+            RUNNING and 1 with ``start``), or
             None if a message with this uuid was already recorded, whatever
             its status: the caller must drop the duplicate.
         """

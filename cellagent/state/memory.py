@@ -49,7 +49,7 @@ class MemoryStore(base.Store):
 
     # -- journal ----------------------------------------------------------
 
-    def begin_request(self, msg_uuid, method, instance_uuid, payload):
+    def begin_request(self, msg_uuid, method, instance_uuid, payload, start=False):
         now = base.utcnow()
         with self._lock:
             if msg_uuid in self._by_msg_uuid:
@@ -57,7 +57,9 @@ class MemoryStore(base.Store):
             entry = objects.JournalEntry(
                 id=next(self._ids), msg_uuid=msg_uuid, method=method,
                 instance_uuid=instance_uuid, payload=payload,
-                status=objects.JournalStatus.RECEIVED, attempts=0, error="",
+                status=(objects.JournalStatus.RUNNING if start
+                        else objects.JournalStatus.RECEIVED),
+                attempts=1 if start else 0, error="",
                 created_at=now, updated_at=now)
             self._journal[entry.id] = entry
             self._by_msg_uuid[msg_uuid] = entry.id

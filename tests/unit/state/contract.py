@@ -134,6 +134,13 @@ class StoreContract:
         assert entry.created_at == entry.updated_at
         assert store.get_request(entry.id) == entry
 
+    def test_begin_request_started(self, store):
+        entry = store.begin_request(_uuid(1), "build_instances", None, "{}", start=True)
+        assert (entry.status, entry.attempts) == (JS.RUNNING, 1)
+        assert store.get_request(entry.id) == entry
+        assert [e.id for e in store.unfinished()] == [entry.id]
+        assert store.begin_request(_uuid(1), "build_instances", None, "{}", start=True) is None
+
     def test_begin_request_without_instance(self, store):
         entry = store.begin_request(_uuid(1), "update_capabilities", None, "{}")
         assert store.get_request(entry.id).instance_uuid is None
