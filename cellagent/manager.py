@@ -62,10 +62,16 @@ def _instance_uuid(value):
 
 
 def scrub(msg):
-    """The message as stored in the journal: no passwords, no token."""
-    data = json.loads(msg.to_json())    # a deep copy: the live message keeps its secrets
+    """The message as stored in the journal: no passwords, no token.
+
+    Copies only the dicts it changes (the live message keeps its secrets for
+    the backend) and serializes once: this runs for every journaled message.
+    """
+    data = msg.to_dict()
     data["ctxt"] = dict(data["ctxt"], auth_token=None)
-    kwargs = data["method_kwargs"]
+    kwargs = data["method_kwargs"] = dict(data["method_kwargs"])
+    if isinstance(kwargs.get("build_inst_kwargs"), dict):
+        kwargs["build_inst_kwargs"] = dict(kwargs["build_inst_kwargs"])
     for holder in (kwargs, kwargs.get("build_inst_kwargs")):
         if isinstance(holder, dict):
             for key in SECRET_KWARGS:

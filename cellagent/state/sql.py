@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import os
+import queue
 import threading
 import zlib
 
@@ -125,6 +126,16 @@ def _translate_errors(method):
     return wrapper
 
 
+class _BatchItem:
+    __slots__ = ("fn", "result", "error", "done")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = None
+        self.error = None
+        self.done = threading.Event()
+
+
 def _entry(row):
     return objects.JournalEntry(**row._mapping)
 
@@ -207,6 +218,8 @@ class SqlStore(base.Store):
             # PostgreSQL takes row locks itself; writers need no queue here.
             self._write_lock = None
         self._writer = None
+        self._batch_queue = None
+        self._batch_thread = None
 
         try:
             self._engine = sa.create_engine(url, **kwargs)
@@ -286,6 +299,74 @@ class SqlStore(base.Store):
                     self._writer = None
                 raise
 
+    def _batched(self, fn):
+        """Run ``fn(conn)`` in a write transaction; returns what it returns.
+
+        On SQLite, writes from every thread go to one writer thread that
+        commits whatever is queued as one transaction (group commit): the
+        caller still returns only once its write is committed, but a burst
+        of messages pays one BEGIN/COMMIT and one lock hand-off, not one per
+        write. ``fn`` must leave the transaction usable when it fails: on
+        SQLite a failed statement (a unique conflict) undoes only itself.
+        PostgreSQL keeps one transaction per call.
+        """
+        if self._write_lock is None:
+            with self._write() as conn:
+                return fn(conn)
+        if self._batch_thread is None:
+            with self._write_lock:
+                if self._batch_thread is None:
+                    self._batch_queue = queue.SimpleQueue()
+                    self._batch_thread = threading.Thread(
+                        target=self._batch_loop, name="sqlite-writer", daemon=True)
+                    self._batch_thread.start()
+        item = _BatchItem(fn)
+        self._batch_queue.put(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _batch_loop(self):
+        while True:
+            items = [self._batch_queue.get()]
+            while items[-1] is not None and len(items) < 500:
+                try:
+                    items.append(self._batch_queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = items[-1] is None
+            items = [i for i in items if i is not None]
+            try:
+                with self._write() as conn:
+                    for item in items:
+                        try:
+                            item.result = item.fn(conn)
+                        except (sa_exc.IntegrityError, exception.CellAgentError) as exc:
+                            item.error = exc      # this statement only
+            except Exception:  # noqa: B902 - the batch failed: redo each alone
+                for item in items:
+                    item.error = None
+                    try:
+                        with self._write() as conn:
+                            item.result = item.fn(conn)
+                    except Exception as exc:  # noqa: B902 - handed to the caller
+                        item.error = exc
+            for item in items:
+                item.done.set()
+            if stop:
+                return
+
+    def _insert_unique(self, conn, stmt, values):
+        """Execute an INSERT; False on a unique conflict, transaction intact."""
+        try:
+            if self._write_lock is None:
+                with conn.begin_nested():        # PostgreSQL aborts otherwise
+                    return conn.execute(stmt, values)
+            return conn.execute(stmt, values)
+        except sa_exc.IntegrityError:
+            return False
+
     def _read(self):
         return self._engine.connect()
 
@@ -345,6 +426,10 @@ class SqlStore(base.Store):
         return SCHEMA_VERSION
 
     def close(self):
+        if self._batch_thread is not None:
+            self._batch_queue.put(None)
+            self._batch_thread.join(10)
+            self._batch_thread = None
         if self._write_lock is not None:
             with self._write_lock:
                 if self._writer is not None:
@@ -363,31 +448,33 @@ class SqlStore(base.Store):
                              else objects.JournalStatus.RECEIVED),
                   "attempts": 1 if start else 0, "error": "", "created_at": now,
                   "updated_at": now}
-        try:
-            with self._write() as conn:
-                entry_id = conn.execute(_INSERT_REQUEST, values).inserted_primary_key[0]
-        except sa_exc.IntegrityError:
+        def insert(conn):
+            result = self._insert_unique(conn, _INSERT_REQUEST, values)
+            if result is not False:
+                return result.inserted_primary_key[0]
             # Only a duplicate uuid is an expected conflict; anything else
             # (a NULL method, say) is a bug that must not pass as a duplicate.
-            with self._read() as conn:
-                if conn.execute(_SELECT_REQUEST_BY_UUID, {"b_key": msg_uuid}).first() is None:
-                    raise
+            if conn.execute(_SELECT_REQUEST_BY_UUID, {"b_key": msg_uuid}).first() is None:
+                raise exception.StateError(reason="journal insert of %s refused" % msg_uuid)
+            return None
+
+        entry_id = self._batched(insert)
+        if entry_id is None:
             return None
         return objects.JournalEntry(id=entry_id, **values)
 
     @_translate_errors
     def start_attempt(self, entry_id):
-        with self._write() as conn:
-            row = conn.execute(_START_ATTEMPT, {"b_id": entry_id, "b_now": base.utcnow()}).first()
+        row = self._batched(lambda conn: conn.execute(
+            _START_ATTEMPT, {"b_id": entry_id, "b_now": base.utcnow()}).first())
         if row is None:
             raise exception.StateError(reason="no journal entry %s" % entry_id)
         return _entry(row)
 
     def _set_status(self, stmt, params):
         params["b_now"] = base.utcnow()
-        with self._write() as conn:
-            if conn.execute(stmt, params).rowcount != 1:
-                raise exception.StateError(reason="no journal entry %s" % params["b_id"])
+        if self._batched(lambda conn: conn.execute(stmt, params).rowcount) != 1:
+            raise exception.StateError(reason="no journal entry %s" % params["b_id"])
 
     @_translate_errors
     def finish_request(self, entry_id, status, error=""):
@@ -440,26 +527,27 @@ class SqlStore(base.Store):
     @_translate_errors
     def claim_operation(self, instance_uuid, operation, msg_uuid):
         now = base.utcnow()
-        try:
-            with self._write() as conn:
-                conn.execute(_INSERT_OPERATION, {
-                    "instance_uuid": instance_uuid, "operation": operation,
-                    "msg_uuid": msg_uuid, "status": base.OP_CLAIMED,
-                    "created_at": now, "updated_at": now})
-            return True
-        except sa_exc.IntegrityError:
+        values = {"instance_uuid": instance_uuid, "operation": operation,
+                  "msg_uuid": msg_uuid, "status": base.OP_CLAIMED,
+                  "created_at": now, "updated_at": now}
+
+        def claim(conn):
+            if self._insert_unique(conn, _INSERT_OPERATION, values) is not False:
+                return True
             # Someone holds it: ours only if it is our own unfinished claim.
             # Claims are never deleted, so the row is there to read.
-            held = self.get_operation(instance_uuid, operation)
+            held = conn.execute(_SELECT_OPERATION, {"b_uuid": instance_uuid,
+                                                    "b_op": operation}).first()
             if held is None:
-                raise
-            return held["msg_uuid"] == msg_uuid and held["status"] == base.OP_CLAIMED
+                raise exception.StateError(reason="claim of %s refused" % instance_uuid)
+            return held.msg_uuid == msg_uuid and held.status == base.OP_CLAIMED
+
+        return self._batched(claim)
 
     @_translate_errors
     def finish_operation(self, instance_uuid, operation):
-        with self._write() as conn:
-            conn.execute(_FINISH_OPERATION, {"b_uuid": instance_uuid, "b_op": operation,
-                                             "b_now": base.utcnow()})
+        params = {"b_uuid": instance_uuid, "b_op": operation, "b_now": base.utcnow()}
+        self._batched(lambda conn: conn.execute(_FINISH_OPERATION, params))
 
     @_translate_errors
     def get_operation(self, instance_uuid, operation):
@@ -475,8 +563,8 @@ class SqlStore(base.Store):
         now = base.utcnow()
         values = base.record_values(record)
         values.update(created_at=now, updated_at=now)
-        with self._write() as conn:
-            values["created_at"] = conn.execute(self._upsert_instance, values).scalar_one()
+        values["created_at"] = self._batched(
+            lambda conn: conn.execute(self._upsert_instance, values).scalar_one())
         return base.to_record(values)
 
     @_translate_errors
@@ -494,17 +582,15 @@ class SqlStore(base.Store):
                 .where(INSTANCES.c.instance_uuid == instance_uuid)
                 .values(**values)
                 .returning(*INSTANCES.c))
-        with self._write() as conn:
-            row = conn.execute(stmt).first()
+        row = self._batched(lambda conn: conn.execute(stmt).first())
         if row is None:
             raise exception.InstanceNotFound(instance_id=instance_uuid)
         return base.to_record(row._mapping)
 
     @_translate_errors
     def delete_instance(self, instance_uuid):
-        with self._write() as conn:
-            row = conn.execute(_DELETE_INSTANCE,
-                               {"b_uuid": instance_uuid, "b_now": base.utcnow()}).first()
+        params = {"b_uuid": instance_uuid, "b_now": base.utcnow()}
+        row = self._batched(lambda conn: conn.execute(_DELETE_INSTANCE, params).first())
         if row is None:
             raise exception.InstanceNotFound(instance_id=instance_uuid)
         return base.to_record(row._mapping)
