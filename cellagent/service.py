@@ -96,7 +96,8 @@ class AgentService:
             reporter_mod.parse_capabilities(cells.capabilities), cells.reserve_percent,
             cells.report_interval, cells.report_delay)
         self.poller = workqueue.Poller(self.backend, conf.backend.poll_interval)
-        self.work = workqueue.WorkQueue(conf.backend.workers, self.poller)
+        self.work = workqueue.WorkQueue(conf.backend.workers, self.poller,
+                                        conf.backend.max_pending_operations)
         self.manager = manager_mod.CellManager(
             cells.name, conf.host, self.store, self.backend, self.parent_api, self.work,
             reporter=self.reporter, flavors=self.flavors,

@@ -95,6 +95,26 @@ Related options:
 * ``[database] max_pool_size`` should not be much smaller
 """),
     cfg.IntOpt(
+        "max_pending_operations",
+        default=2000,
+        min=1,
+        help="""
+Most operations accepted but not finished at once (flow control).
+
+oslo.messaging acknowledges a message before handing it over, so without a
+bound a backlog on the broker would be pulled into memory. When this many
+operations are queued or waiting on the provider, the agent stops taking
+messages (they stay on the broker) until some finish.
+
+Possible values:
+
+* 1 or more operations
+
+Related options:
+
+* ``[oslo_messaging_rabbit] rabbit_qos_prefetch_count``
+"""),
+    cfg.IntOpt(
         "operation_retries",
         default=3,
         min=0,

@@ -9,6 +9,11 @@ import socket
 
 from oslo_config import cfg
 
+# Unacknowledged messages the broker may push to one consumer. oslo.messaging's
+# default (0, unlimited) would pull a whole backlog into memory; with a bound
+# the flow control of [backend] max_pending_operations keeps it on the broker.
+PREFETCH = 100
+
 default_opts = [
     cfg.HostAddressOpt(
         "host",
@@ -66,6 +71,7 @@ def register_opts(conf):
             conf.register_opts(opts, group=group)
     # Nova's exchange (nova/config.py sets control_exchange='nova').
     conf.set_default("control_exchange", "nova")
+    conf.set_default("rabbit_qos_prefetch_count", PREFETCH, group="oslo_messaging_rabbit")
 
 
 def list_opts():

@@ -16,7 +16,12 @@ def list_opts():
 
 
 def update_defaults():
-    """``oslo.config.opts.defaults`` hook: the sample shows nova's exchange."""
+    """``oslo.config.opts.defaults`` hook: the sample shows the defaults we set."""
     from oslo_config import cfg
+    from oslo_messaging._drivers import impl_rabbit
     from oslo_messaging import transport
+
+    from cellagent.conf.default import PREFETCH
+    # On the original option objects: oslo.messaging's list_opts copies them.
     cfg.set_defaults(transport._transport_opts, control_exchange="nova")
+    cfg.set_defaults(impl_rabbit.rabbit_opts, rabbit_qos_prefetch_count=PREFETCH)
