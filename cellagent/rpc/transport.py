@@ -134,9 +134,10 @@ class KombuPublisher:
         self.confirm_batches = 0
         # Confirm callbacks (journal writes) run here, never on the thread
         # that owns the connection, so a slow database does not stall
-        # publishing; one thread keeps them in confirm order.
+        # publishing. Several threads: each callback waits for a commit, and
+        # one thread in series capped the agent at the commit latency.
         self._completer = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="confirmed")
+            max_workers=8, thread_name_prefix="confirmed")
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="publisher-%s" % self._safe_url)
         self._thread.start()
@@ -270,9 +271,8 @@ class KombuPublisher:
         return [self._unacked.pop(t) for t in tags]
 
     def _on_ack(self, delivery_tag, multiple):
-        items = self._confirmed(delivery_tag, multiple)
-        if items:
-            self._completer.submit(_resolve, items)
+        for item in self._confirmed(delivery_tag, multiple):
+            self._completer.submit(_resolve, item)
 
     def _on_nack(self, delivery_tag, multiple):
         items = self._confirmed(delivery_tag, multiple)
@@ -282,10 +282,9 @@ class KombuPublisher:
             self._pending.extendleft(reversed(items))
 
 
-def _resolve(items):
-    for item in items:
-        if not item.future.done():
-            item.future.set_result(True)
+def _resolve(item):
+    if not item.future.done():
+        item.future.set_result(True)
 
 
 class OsloPublisher:
