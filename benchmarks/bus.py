@@ -44,6 +44,7 @@ import collections
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import socket
@@ -409,13 +410,26 @@ def up_plan(bodies, build_uuids):
 
 
 def proc_cpu(pid):
-    """CPU seconds (user + system) used so far by process ``pid``."""
+    """(user, system) CPU seconds used so far by process ``pid``, or None."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_rss_mb(pid):
+    """Peak resident memory of process ``pid`` (VmHWM), in MB."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def host_cpu():
@@ -438,8 +452,11 @@ class CpuMeter:
         p1, h1 = proc_cpu(self.pid), host_cpu()
         total = max(1, h1[2] - self.h0[2])
         self.result = {
-            "process_cpu_s": (round(p1 - self.p0, 2)
+            "process_cpu_s": (round(sum(p1) - sum(self.p0), 2)
                               if p1 is not None and self.p0 is not None else None),
+            "process_sys_s": (round(p1[1] - self.p0[1], 2)
+                              if p1 is not None and self.p0 is not None else None),
+            "process_peak_rss_mb": peak_rss_mb(self.pid),
             "host_busy_pct": round(100.0 * (h1[0] - self.h0[0]) / total, 1),
             "host_iowait_pct": round(100.0 * (h1[1] - self.h0[1]) / total, 1),
             "host_cpus": os.cpu_count()}
@@ -537,10 +554,21 @@ def write_agent_conf(tmp, args, child, parent, db_url):
         "ram_mb = %d" % (512 * n * 2),
         "disk_gb = %d" % (n * 2 + 100),
         "vcpus = %d" % (n * 2 + 16),
+        # The fake floating range is a /24: past 253 instances every spawn
+        # would scan it in full and log a warning (not what is measured here).
+        "public_ips = false",
         "",
     ]
     if db_url:
         lines += ["[database]", "connection = %s" % db_url, ""]
+    sections = collections.OrderedDict()
+    for item in args.agent_opt:
+        key, _, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        sections.setdefault(section or "DEFAULT", []).append("%s = %s" % (name, value))
+    for section, entries in sections.items():
+        # oslo.config merges repeated sections; later values win.
+        lines += ["[%s]" % section] + entries + [""]
     path = os.path.join(tmp, "agent.conf")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -548,7 +576,8 @@ def write_agent_conf(tmp, args, child, parent, db_url):
 
 
 class Agent:
-    def __init__(self, conf_path, tmp):
+    def __init__(self, conf_path, tmp, command):
+        self.command = command
         self.conf_path = conf_path
         self.tmp = tmp
         self.proc = None
@@ -557,7 +586,7 @@ class Agent:
     def start(self):
         self.starts += 1
         out = open(os.path.join(self.tmp, "agent-%d.out" % self.starts), "wb")
-        self.proc = subprocess.Popen([CELLAGENT, "--config-file", self.conf_path],
+        self.proc = subprocess.Popen(self.command + ["--config-file", self.conf_path],
                                      stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         out.close()
@@ -627,7 +656,7 @@ def run_agent_side(args, vhosts, builds, tmp):
     spy = None
     try:
         conf = write_agent_conf(tmp, args, child, parent, db.url if db else None)
-        agent = Agent(conf, tmp)
+        agent = Agent(conf, tmp, shlex.split(args.agent_cmd))
         # First start: the agent declares its queues; then it is stopped so the
         # queue can be filled while nobody consumes.
         agent.start()
@@ -655,7 +684,7 @@ def run_agent_side(args, vhosts, builds, tmp):
             spy = subprocess.Popen(
                 [args.py_spy, "record", "--pid", str(pid), "--rate", str(args.profile_rate),
                  "--format", "raw", "--threads", "--nonblocking", "--output", args.profile,
-                 "--duration", str(int(args.timeout))],
+                 "--duration", str(int(args.timeout))] + (["--gil"] if args.profile_gil else []),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = t0 + args.timeout
         while not counter.done.wait(0.5):
@@ -751,6 +780,8 @@ def run_baseline_side(args, vhosts, builds, plan, tmp):
                      {"cpu": cpu, "queue_at_start": {"messages": st[0], "consumers": st[1]}})
     finally:
         if proc is not None and proc.poll() is None:
+            if not counter.done.is_set():
+                proc.terminate()        # failed or interrupted: no need to wait
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -806,6 +837,9 @@ def parse_args(argv):
                         "state_path; for PostgreSQL a fresh database is created on that "
                         "server (and dropped at the end); must be on 127.0.0.1")
     p.add_argument("--workers", type=int, default=16, help="agent [backend] workers")
+    p.add_argument("--agent-opt", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                   help="extra agent option (repeatable), e.g. "
+                        "DEFAULT.executor_thread_pool_size=8 or fake.public_ips=true")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds allowed per measured window (default 60 + N/20)")
     p.add_argument("--start-timeout", type=float, default=60.0,
@@ -814,9 +848,14 @@ def parse_args(argv):
     p.add_argument("--profile", metavar="FILE",
                    help="py-spy record (raw collapsed stacks) of the agent during its "
                         "window; slows the agent, so its rates are not comparable")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="py-spy --gil: only the thread holding the GIL (CPU hot spots)")
     p.add_argument("--profile-rate", type=int, default=97, help="py-spy samples per second")
     p.add_argument("--py-spy", default=os.path.join(ROOT, ".venv", "bin", "py-spy"),
                    help="py-spy executable")
+    p.add_argument("--agent-cmd", default=CELLAGENT,
+                   help="command that starts the agent; ``--config-file FILE`` is appended "
+                        "(e.g. a profiling wrapper); default: %(default)s")
     p.add_argument("--agent-debug", action="store_true", help="agent logs at DEBUG")
     p.add_argument("--keep-tmp", action="store_true",
                    help="keep the temporary directory (conf, logs, journal)")
@@ -833,6 +872,9 @@ def parse_args(argv):
         args.timeout = 60.0 + args.count / 20.0
     if args.database_url:
         check_local_db(args.database_url)
+    for item in args.agent_opt:
+        if "=" not in item or not item.partition("=")[0].strip():
+            p.error("--agent-opt takes SECTION.NAME=VALUE, not %r" % item)
     return args
 
 

@@ -387,6 +387,13 @@ class CellManager:
                             {"uuid": uuid, "msg": msg.uuid})
                 continue
             rec = self.store.get_instance(uuid)
+            if rec is not None and rec.deleted:
+                LOG.warning("[instance: %s] Dropped build: the instance was deleted before "
+                            "its build arrived", uuid)
+                self.store.finish_operation(uuid, "build")
+                self.parent.instance_destroy_at_top(
+                    intercell.obj_primitive("Instance", {"uuid": uuid}), msg.ctxt)
+                continue
             if rec is None:
                 instance = {k: v for k, v in data.items() if k != "id"}
                 instance.setdefault("launch_index", index)
@@ -586,6 +593,11 @@ class CellManager:
         if rec is None:
             LOG.warning("[instance: %s] Delete of an instance this cell does not have; "
                         "telling the top it is gone", uuid)
+            # A tombstone, so that a build of this instance still in flight
+            # (messages are handled in parallel) is refused when it arrives.
+            self.store.put_instance(InstanceRecord(
+                instance_uuid=uuid, state=InstanceState.DELETED, vm_state=VmState.DELETED,
+                task_state=None, deleted=True))
             done = job.part()
             self._after_confirm(self.parent.instance_destroy_at_top(
                 intercell.obj_primitive("Instance", {"uuid": uuid}), msg.ctxt), done)
@@ -880,6 +892,8 @@ class CellManager:
 
     def service_get_all(self, msg, job):
         filters = msg.method_kwargs.get("filters") or {}
+        if not isinstance(filters, dict):
+            raise exception.MalformedMessage(reason="filters is not an object")
         now = intercell.format_obj_datetime()
         service = {
             "id": 1, "uuid": None, "host": self.host, "binary": "nova-compute",

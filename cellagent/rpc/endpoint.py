@@ -141,7 +141,7 @@ class Router:
         finally:
             if hops:
                 self.waiters.unregister(msg.uuid)
-        self._sender.respond(msg, gathered + [local])
+        self._reply(msg, gathered + [local])
 
     def _response(self, msg):
         try:
@@ -178,12 +178,21 @@ class Router:
     def _run_locally(self, msg, reply):
         resp = self._local_response(msg)
         if reply and msg.need_response:
-            self._sender.respond(msg, [resp])
+            self._reply(msg, [resp])
 
     def _fail(self, msg, exc):
         LOG.warning("Cannot route %(msg)s: %(err)s", {"msg": msg.describe(), "err": exc.message})
         if msg.need_response:
-            self._sender.respond(msg, [intercell.Response.from_exception(msg.routing_path, exc)])
+            self._reply(msg, [intercell.Response.from_exception(msg.routing_path, exc)])
+
+    def _reply(self, msg, responses):
+        try:
+            self._sender.respond(msg, responses)
+        except exception.MessageError as e:
+            # The way back does not exist (a neighbour record missing or
+            # misnamed): one line, the caller will time out.
+            LOG.warning("Cannot send the reply to %(msg)s: %(err)s",
+                        {"msg": msg.describe(), "err": e.message})
 
     # -- calls originated here (used by the top and by tools) -----------------
 

@@ -477,8 +477,8 @@ def obj_data(value, name=None):
         raise exception.UnsupportedVersion(
             reason="%s %s (we speak %s)" % (value["nova_object.name"], version, known))
     changes = value.get("nova_object.changes") or []
-    if not isinstance(changes, list):
-        raise exception.MalformedMessage(reason="nova_object.changes is not a list")
+    if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
+        raise exception.MalformedMessage(reason="nova_object.changes is not a list of names")
     return data, list(changes)
 
 

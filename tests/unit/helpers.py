@@ -7,7 +7,6 @@ exchanges in one process-global dict keyed by exchange name (``cells-<vhost>``),
 so every harness uses fresh, random virtual hosts.
 """
 
-import copy
 import json
 import logging
 import os
@@ -117,7 +116,7 @@ class RecordingParent:
 
     def handle(self, msg):
         with self._lock:
-            self.messages.append(copy.deepcopy(msg))
+            self.messages.append(msg)
         return self.view.handle(msg)
 
     def received(self, method=None, instance_uuid=None):
@@ -215,24 +214,27 @@ class CellHarness:
             self._parent_transports.rpc_transport(self.parent_url), self.parent_url, BASE,
             "api-" + self.host, endpoint.IntercellEndpoint(self.router))
         for server in self.parent_servers:
-            server.start()
+            # One worker: the parent applies reports in the order they arrive.
+            server.start(override_pool_size=1)
         self.agent = service.AgentService(self.conf)
         self.agent.start()
         return self
 
     def stop(self):
-        # oslo.messaging takes about a second to wait for a stopped server:
-        # wait for the parent's while the agent stops its own.
-        for server in self.parent_servers:
+        # oslo.messaging may take a second to wait for each stopped server:
+        # stop all six, wait for them in parallel, then let the agent stop
+        # (stop/wait of an oslo server run once, so its own calls return at once).
+        servers = list(self.parent_servers) + list(self.agent.servers if self.agent else [])
+        for server in servers:
             server.stop()
-        waiter = threading.Thread(target=lambda: [s.wait() for s in self.parent_servers])
-        waiter.start()
-        try:
-            if self.agent is not None:
-                self.agent.stop()
-        finally:
+        waiters = [threading.Thread(target=server.wait) for server in servers]
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
             waiter.join()
         self.parent_servers = []
+        if self.agent is not None:
+            self.agent.stop()
         if self._parent_transports is not None:
             self._parent_transports.close()
         self.conf.reset()
@@ -284,6 +286,18 @@ class CellHarness:
             return all(row.get(k) == v for k, v in expected.items())
         return wait_for(ok, timeout, what=lambda: "%s to reach %s (now %s)" % (
             uuid, expected, self.parent.row(uuid)))
+
+    def task_states(self, uuid):
+        """The task_state of every report for ``uuid`` that changed it, in order."""
+        return [data.get("task_state") for data, changes in self.parent.updates(uuid)
+                if "task_state" in changes]
+
+    def wait_task_states(self, uuid, *states, timeout=10.0):
+        """Wait until the last reports of ``uuid`` changed task_state to ``states``."""
+        n = len(states)
+        return wait_for(lambda: self.task_states(uuid)[-n:] == list(states), timeout,
+                        what=lambda: "task states %s of %s (now %s)" % (
+                            list(states), uuid, self.task_states(uuid)))
 
     def build(self, count=1, **kw):
         """Build ``count`` instances in one message; wait until each is active."""
