@@ -95,8 +95,9 @@ def message_from_payload(payload):
 class Job:
     """One journal entry's outstanding work; finishes the entry when done."""
 
-    def __init__(self, store, entry_id, msg):
+    def __init__(self, store, entry_id, msg, release=None):
         self._store = store
+        self._release = release
         self.entry_id = entry_id
         self.msg = msg
         self._lock = threading.Lock()
@@ -130,6 +131,8 @@ class Job:
             if not self._sealed or self._pending or self._finished:
                 return
             self._finished = True
+            if self._release is not None:
+                self._release()
             if self._abandoned:
                 # A report never reached the parent: leave the entry
                 # unfinished, the next start replays it.
@@ -148,7 +151,7 @@ class CellManager:
 
     def __init__(self, cell_name, host, store, backend, parent_api, workqueue,
                  reporter=None, flavors=None, transition_timeout=600,
-                 retries=3, retry_delay=1.0):
+                 retries=3, retry_delay=1.0, max_inflight=None):
         self.cell_name = cell_name
         self.host = host
         self.node = "%s-%s" % (backend.name, host)
@@ -163,6 +166,11 @@ class CellManager:
         self.retry_delay = retry_delay
         self._locks = {}
         self._locks_lock = threading.Lock()
+        # Flow control: oslo.messaging acknowledges before dispatch, so the
+        # only way to leave a backlog on the broker is to block the RPC
+        # thread while max_inflight journal entries are unfinished (their
+        # messages, records and reports held in memory).
+        self._inflight = threading.Semaphore(max_inflight) if max_inflight else None
         self._targeted = {
             "build_instances": (self.build_instances, True),
             "terminate_instance": (self.terminate_instance, True),
@@ -227,7 +235,11 @@ class CellManager:
     def _execute(self, entry_id, msg, started=False):
         if not started:
             self.store.start_attempt(entry_id)
-        job = Job(self.store, entry_id, msg)
+        release = None
+        if self._inflight is not None:
+            self._inflight.acquire()
+            release = self._inflight.release
+        job = Job(self.store, entry_id, msg, release)
         method = (self._targeted if msg.message_type == "targeted"
                   else self._broadcast)[msg.method_name][0]
         try:

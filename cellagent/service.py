@@ -96,13 +96,13 @@ class AgentService:
             reporter_mod.parse_capabilities(cells.capabilities), cells.reserve_percent,
             cells.report_interval, cells.report_delay)
         self.poller = workqueue.Poller(self.backend, conf.backend.poll_interval)
-        self.work = workqueue.WorkQueue(conf.backend.workers, self.poller,
-                                        conf.backend.max_pending_operations)
+        self.work = workqueue.WorkQueue(conf.backend.workers, self.poller)
         self.manager = manager_mod.CellManager(
             cells.name, conf.host, self.store, self.backend, self.parent_api, self.work,
             reporter=self.reporter, flavors=self.flavors,
             transition_timeout=conf.backend.transition_timeout,
-            retries=conf.backend.operation_retries, retry_delay=conf.backend.retry_delay)
+            retries=conf.backend.operation_retries, retry_delay=conf.backend.retry_delay,
+            max_inflight=conf.backend.max_pending_operations)
         self.router = endpoint_mod.Router(self.sender, self.manager, cells.call_timeout,
                                           cells.max_hop_count)
         self.poller.start()

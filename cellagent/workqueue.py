@@ -43,7 +43,7 @@ CANCELLED = object()
 
 
 class WorkQueue:
-    def __init__(self, workers, poller=None, max_pending=None):
+    def __init__(self, workers, poller=None):
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="backend")
         self._lock = threading.Lock()
@@ -51,9 +51,6 @@ class WorkQueue:
         self._queues = {}          # instance uuid -> deque of callables
         self.poller = poller
         self._closed = False
-        # Flow control: submit() blocks (an RPC thread, so the broker keeps
-        # the backlog) while max_pending operations are unfinished.
-        self._slots = threading.Semaphore(max_pending) if max_pending else None
 
     def submit(self, key, fn, preempt=False):
         """Run ``fn()`` after the work already queued for ``key``.
@@ -62,12 +59,8 @@ class WorkQueue:
         first (its continuation sees CANCELLED), so a delete does not wait for
         a build that may never finish.
         """
-        if self._slots is not None:
-            self._slots.acquire()
         with self._lock:
             if self._closed:
-                if self._slots is not None:
-                    self._slots.release()
                 raise exception.CellAgentError("work queue is stopping")
             q = self._queues.get(key)
             if q is not None:
@@ -94,8 +87,6 @@ class WorkQueue:
         if isinstance(result, Transition) and self.poller is not None:
             self.poller.watch(key, result, self._resume)
             return
-        if self._slots is not None:
-            self._slots.release()
         self._next(key)
 
     def _resume(self, key, transition, info):

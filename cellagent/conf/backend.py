@@ -99,16 +99,17 @@ Related options:
         default=2000,
         min=1,
         help="""
-Most operations accepted but not finished at once (flow control).
+Most received messages in progress at once (flow control).
 
 oslo.messaging acknowledges a message before handing it over, so without a
 bound a backlog on the broker would be pulled into memory. When this many
-operations are queued or waiting on the provider, the agent stops taking
-messages (they stay on the broker) until some finish.
+journaled messages are unfinished (queued, waiting on the provider, or
+waiting for the parent's broker to confirm their reports), the agent stops
+taking messages (they stay on the broker) until some finish.
 
 Possible values:
 
-* 1 or more operations
+* 1 or more messages
 
 Related options:
 
