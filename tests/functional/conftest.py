@@ -16,11 +16,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 
 import kombu
 import pytest
+
+from tests.unit import helpers
 
 RABBIT_HOST = os.environ.get("CELLAGENT_TEST_RABBIT_HOST", "127.0.0.1")
 RABBIT_PORT = int(os.environ.get("CELLAGENT_TEST_RABBIT_PORT", "5672"))
@@ -37,14 +38,8 @@ def pytest_collection_modifyitems(items):
 
 
 def wait_for(predicate, timeout=30.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
+    """tests.unit.helpers.wait_for with the broker's slower defaults."""
+    return helpers.wait_for(predicate, timeout, interval, what)
 
 
 def rabbit_url(vhost):

@@ -41,7 +41,7 @@ def wire(name):
     return json.loads(wire_text(name))
 
 
-def wait_for(predicate, timeout=5.0, interval=0.02, what=None):
+def wait_for(predicate, timeout=10.0, interval=0.02, what=None):
     """Call ``predicate`` until it returns a true value; return that value."""
     deadline = time.monotonic() + timeout
     while True:

@@ -19,6 +19,7 @@ from cellagent import state
 from cellagent import workqueue
 from cellagent.objects import JournalStatus
 from cellagent.rpc import intercell
+from tests.unit.helpers import wait_for
 
 
 class RecordingParent:
@@ -52,14 +53,6 @@ class RecordingParent:
 
     def methods(self):
         return [m for m, _ in self.sent]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ Hooks a backend's test class provides or overrides:
   None to skip the checks that need one.
 """
 
-import time
 import uuid
 
 import pytest
@@ -35,18 +34,7 @@ from cellagent.objects import InstanceInfo
 from cellagent.objects import InstanceRef
 from cellagent.objects import InstanceState
 from cellagent.objects import RebootKind
-
-
-def wait_for(predicate, timeout=5.0, interval=0.01):
-    """Call ``predicate`` until it returns a true value; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("condition not met within %.1fs" % timeout)
-        time.sleep(interval)
+from tests.unit.helpers import wait_for  # noqa: F401 - the contract's tests use it
 
 
 def ref_of(info, token=""):
