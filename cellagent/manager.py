@@ -80,7 +80,7 @@ def scrub(msg):
     return json.dumps(data)
 
 
-def message_from_payload(payload):
+def message_from_payload(payload, entry_id="?"):
     """Rebuild the Message stored by ``scrub`` (no routing extension)."""
     try:
         data = json.loads(payload)
@@ -89,7 +89,7 @@ def message_from_payload(payload):
             "routing_path", "hop_count", "max_hop_count", "need_response", "fanout",
             "uuid", "target_cell", "response_uuid")})
     except (TypeError, ValueError) as e:
-        raise exception.JournalCorrupt(entry="?", reason=str(e))
+        raise exception.JournalCorrupt(entry=entry_id, reason=str(e))
 
 
 class Job:
@@ -257,7 +257,7 @@ class CellManager:
             LOG.info("Replaying %d unfinished journal entries", len(entries))
         for entry in entries:
             try:
-                msg = message_from_payload(entry.payload)
+                msg = message_from_payload(entry.payload, entry.id)
                 self._execute(entry.id, msg)
             except exception.CellAgentError as e:
                 LOG.error("Journal entry %(id)s (%(method)s) failed on replay: %(err)s",
