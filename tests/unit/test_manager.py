@@ -202,3 +202,16 @@ def test_transient_backend_errors_are_retried(make_cell):
     mgr.handle(build_msg([u]))
     wait_for(lambda: "active" in mgr.parent.states(u))
     assert mgr.backend.creates[u] == 1
+
+
+def test_a_corrupt_journal_entry_fails_alone_on_replay(make_cell, caplog):
+    mgr = make_cell()
+    bad = mgr.store.begin_request(str(uuidlib.uuid4()), "build_instances", None, "{not json")
+    u = str(uuidlib.uuid4())
+    good = journal(mgr, build_msg([u]))
+    assert mgr.recover() == 2
+    entry = mgr.store.get_request(bad.id)
+    assert entry.status == JournalStatus.FAILED and "cannot be replayed" in entry.error
+    assert str(bad.id) in caplog.text
+    wait_for(lambda: mgr.store.get_request(good.id).status == JournalStatus.DONE)
+    assert mgr.backend.creates[u] == 1
