@@ -95,11 +95,10 @@ def message_from_payload(payload, entry_id="?"):
 class Job:
     """One journal entry's outstanding work; finishes the entry when done."""
 
-    def __init__(self, store, entry_id, msg, release=None):
+    def __init__(self, store, entry_id, release=None):
         self._store = store
         self._release = release
         self.entry_id = entry_id
-        self.msg = msg
         self._lock = threading.Lock()
         self._pending = 0
         self._sealed = False
@@ -239,7 +238,7 @@ class CellManager:
         if self._inflight is not None:
             self._inflight.acquire()
             release = self._inflight.release
-        job = Job(self.store, entry_id, msg, release)
+        job = Job(self.store, entry_id, release)
         method = (self._targeted if msg.message_type == "targeted"
                   else self._broadcast)[msg.method_name][0]
         try:
@@ -716,7 +715,7 @@ class CellManager:
         if rec is None or rec.deleted:
             done(error="instance %s is gone" % uuid)
             return None
-        task_state, call, target, vm_override = self._POWER_OPS[op]
+        task_state, call, target = self._POWER_OPS[op][:3]
         if op in ("reboot_soft", "reboot_hard", "stop", "soft_delete") and \
                 rec.state != InstanceState.RUNNING and not (
                     op == "reboot_hard" and rec.state in (InstanceState.ERROR,
