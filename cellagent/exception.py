@@ -167,6 +167,54 @@ class JournalCorrupt(StateError):
 
 
 class NoValidCell(CellAgentError):
-    """The scheduler found no cell for the request."""
+    """The scheduler found no cell for the request; ``removed`` says why, per cell."""
 
     msg_fmt = "No valid cell: %(reason)s"
+
+    def __init__(self, message=None, removed=None, **kwargs):
+        # ``removed`` ({cell name: "filter: reason"}) rides in kwargs too, so
+        # it survives oslo.messaging's exception serialisation to a client.
+        super().__init__(message, removed=dict(removed or {}), **kwargs)
+        self.removed = self.kwargs["removed"]
+
+
+class InvalidRequest(CellAgentError):
+    """A person's request to the top cannot be done as asked."""
+
+    msg_fmt = "Invalid request: %(reason)s"
+
+
+class CellCallFailed(CellAgentError):
+    """A call to a child cell came back as a failure."""
+
+    msg_fmt = "Cell %(cell_name)s failed the call: %(reason)s"
+
+
+class CellNotFound(CellAgentError):
+    """The top has no record of a cell by that name."""
+
+    msg_fmt = "Cell %(cell_name)s doesn't exist."
+    code = 404
+    wire_module = "nova.exception"
+
+
+class InstanceExists(CellAgentError):
+    """An instance with that uuid is already recorded."""
+
+    msg_fmt = "Instance %(name)s already exists."
+    code = 409
+    wire_module = "nova.exception"
+
+
+class InstanceUpdateRejected(CellAgentError):
+    """An instance_update_at_top failed a Stein guard and was dropped."""
+
+    msg_fmt = "Instance update rejected: %(reason)s"
+    code = 409
+
+
+class AmbiguousServerName(CellAgentError):
+    """More than one live server has the name a person gave."""
+
+    msg_fmt = "More than one server is named %(name)s (%(uuids)s): use its uuid"
+    code = 409

@@ -295,3 +295,154 @@ class JournalStatus:
     DROPPED = "dropped"
 
     UNFINISHED = (RECEIVED, RUNNING)
+
+
+# -- the top cell (``state/top.py``, ``top.py``) ------------------------------
+
+CELL_TIERS = ("private", "public")
+
+
+@dataclasses.dataclass
+class TopCell:
+    """The top's record of one neighbour cell: how to reach it and its budget.
+
+    ``tier`` says where the scheduler looks first: ``private`` cells, then
+    ``public`` (burst) ones. ``flavor_costs`` ({flavor name: cost per hour})
+    overrides ``cost_per_vcpu_hour`` for the flavors it names. A ``max_*``
+    of None means no cap. ``transport_url`` holds broker credentials, so it
+    is left out of ``repr`` (and so of logs).
+
+    Values are checked and coerced on construction (numbers from strings or
+    JSON ints become floats or ints); a bad one raises ValueError.
+    """
+
+    name: str
+    transport_url: str = dataclasses.field(repr=False)
+    is_parent: bool = False
+    weight_offset: float = 0.0
+    weight_scale: float = 1.0
+    tier: str = "private"
+    cost_per_vcpu_hour: float = 0.0
+    flavor_costs: dict = dataclasses.field(default_factory=dict)
+    max_instances: int | None = None
+    max_vcpus: int | None = None
+    max_cost_per_hour: float | None = None
+    disabled: bool = False
+
+    def __post_init__(self):
+        # Same rule as rpc.neighbours.check_cell_name: "!" separates routing
+        # path hops, and "." and "@" confuse the transport URL of a path.
+        if not isinstance(self.name, str) or not self.name or any(
+                c in self.name for c in "!.@"):
+            raise ValueError("cell name %r must be non-empty and contain none of ! . @"
+                             % (self.name,))
+        if not isinstance(self.transport_url, str):
+            raise ValueError("cell %s: transport_url must be a string" % self.name)
+        if self.tier not in CELL_TIERS:
+            raise ValueError("cell %s: tier %r is not one of %s"
+                             % (self.name, self.tier, ", ".join(CELL_TIERS)))
+        self.is_parent = bool(self.is_parent)
+        self.disabled = bool(self.disabled)
+        self.weight_offset = self._number("weight_offset", float, signed=True)
+        self.weight_scale = self._number("weight_scale", float, signed=True)
+        self.cost_per_vcpu_hour = self._number("cost_per_vcpu_hour", float)
+        self.max_instances = self._number("max_instances", int, optional=True)
+        self.max_vcpus = self._number("max_vcpus", int, optional=True)
+        self.max_cost_per_hour = self._number("max_cost_per_hour", float, optional=True)
+        costs = {}
+        for flavor, cost in dict(self.flavor_costs or {}).items():
+            costs[str(flavor)] = self._check(float, cost, "flavor_costs[%s]" % flavor)
+        self.flavor_costs = costs
+
+    def _number(self, field, kind, optional=False, signed=False):
+        value = getattr(self, field)
+        if value is None and optional:
+            return None
+        return self._check(kind, value, field, signed)
+
+    def _check(self, kind, value, field, signed=False):
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            number = kind(value)
+            if kind is int and isinstance(value, float) and number != value:
+                raise TypeError
+        except (TypeError, ValueError):
+            raise ValueError("cell %s: %s=%r is not %s" % (
+                self.name, field, value, "an integer" if kind is int else "a number"))
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError("cell %s: %s=%r is not a finite number" % (self.name, field, value))
+        if not signed and number < 0:
+            raise ValueError("cell %s: %s=%r is negative" % (self.name, field, value))
+        return number
+
+    def to_record(self):
+        """The ``rpc.neighbours.CellRecord`` the router sends through."""
+        from cellagent.rpc import neighbours
+        return neighbours.CellRecord(name=self.name, transport_url=self.transport_url,
+                                     is_parent=self.is_parent,
+                                     weight_offset=self.weight_offset,
+                                     weight_scale=self.weight_scale)
+
+
+@dataclasses.dataclass
+class CellReport:
+    """What the top last heard from a child, and its build back-off.
+
+    ``capacities`` is the cells v1 ``update_capacities`` payload;
+    ``capabilities`` is ``{name: [values]}``. ``last_seen`` is when either
+    report last arrived, ``capacities_at`` when the capacities did. All
+    datetimes are naive UTC. ``failures`` counts consecutive failed (or
+    unacknowledged) builds; the cell gets no builds until ``backoff_until``.
+    """
+
+    name: str
+    capacities: dict = dataclasses.field(default_factory=dict)
+    capabilities: dict = dataclasses.field(default_factory=dict)
+    last_seen: object = None
+    capacities_at: object = None
+    backoff_until: object = None
+    failures: int = 0
+
+
+@dataclasses.dataclass
+class TopInstance:
+    """One server as the top sees it (``state/top.py``), in whichever cell.
+
+    ``flavor`` is ``{name, memory_mb, vcpus, root_gb, ephemeral_gb,
+    flavorid}``; ``addresses`` a list of ``{network, addr, type ("fixed" or
+    "floating"), version}``; ``fault`` None or the latest ``{code, message,
+    details, created_at}``. Datetimes are naive UTC.
+
+    The build bookkeeping: ``acked`` is set once the chosen cell answered
+    with an ``instance_update_at_top``; until then the top re-sends the
+    build at ``build_deadline`` (``build_attempts`` sends so far) and
+    reschedules it away from ``tried_cells``. ``request_id`` groups the
+    instances of one create request.
+    """
+
+    uuid: str
+    name: str = ""
+    cell_name: str | None = None
+    project_id: str = ""
+    user_id: str = ""
+    flavor: dict = dataclasses.field(default_factory=dict)
+    image_ref: str = ""
+    vm_state: str | None = VmState.BUILDING
+    task_state: str | None = None
+    power_state: int = PowerState.NOSTATE
+    host: str | None = None
+    node: str | None = None
+    access_ip_v4: str | None = None
+    addresses: list = dataclasses.field(default_factory=list)
+    launched_at: object = None
+    created_at: object = None
+    updated_at: object = None
+    deleted: bool = False
+    deleted_at: object = None
+    fault: dict | None = None
+    acked: bool = False
+    build_attempts: int = 0
+    build_deadline: object = None
+    tried_cells: list = dataclasses.field(default_factory=list)
+    request_id: str = ""

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from cellagent import backends
 from cellagent import exception
@@ -148,5 +149,125 @@ class AgentService:
             self.backend.stop()
         except exception.BackendError as e:
             LOG.warning("Backend did not stop cleanly: %s", e.message)
+        self.store.close()
+        LOG.info("Stopped")
+
+
+def open_top_store(conf):
+    """The top's state store, with its schema created on first use."""
+    url = database.connection_url(conf)
+    if url.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
+    store = state.get_top_store(url, busy_timeout=conf.database.busy_timeout,
+                                pool_size=conf.database.max_pool_size)
+    if store.schema_version() == 0:
+        LOG.info("Empty state database: creating the top schema")
+        store.sync_schema()
+    store.check_schema()
+    return store
+
+
+def build_scheduler(conf):
+    """The burst scheduler and its backoff tracker from ``[scheduler]``."""
+    from cellagent import scheduler
+    sc = conf.scheduler
+    sched = scheduler.Scheduler(
+        sc.filters, sc.weighers,
+        multipliers={"ram": sc.ram_weight_multiplier, "mute": sc.mute_weight_multiplier,
+                     "offset": sc.offset_weight_multiplier},
+        mute_interval=conf.cells.mute_child_interval,
+        low_watermark=sc.low_watermark, high_watermark=sc.high_watermark)
+    return sched, scheduler.Backoff(initial=sc.backoff_initial, maximum=sc.backoff_max)
+
+
+class TopService:
+    """The ``cellagent-top`` daemon: the parent cell.
+
+    Start order: state, cell records, scheduler, manager, the inter-cell RPC
+    servers and the client API server, then ``announce_*`` to every child and
+    the housekeeping thread (re-sends, cell record reloads, purges).
+    """
+
+    def __init__(self, conf, store=None, transports=None):
+        self.conf = conf
+        self.store = store
+        self.transports = transports
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self._thread = None
+        self.servers = []
+
+    def start(self):
+        from cellagent import top as top_mod
+        conf = self.conf
+        cells = conf.cells
+        neighbours_mod.check_cell_name(cells.name)
+        if self.store is None:
+            self.store = open_top_store(conf)
+        if self.transports is None:
+            self.transports = transport_mod.Transports(conf)
+        self.neighbours = neighbours_mod.Neighbours()
+        self.sender = parent_api.IntercellSender(
+            cells.name, self.neighbours, self.transports, cells.rpc_driver_queue_base,
+            cells.max_hop_count)
+        scheduler, backoff = build_scheduler(conf)
+        self.manager = top_mod.TopManager(
+            cells.name, self.store, scheduler, self.sender, self.neighbours,
+            reporter_mod.FlavorCatalog.from_config(cells.flavors).all(),
+            cells_json=cells.cells_config, build_ack_timeout=conf.top.build_ack_timeout,
+            build_retries=conf.top.build_retries, max_reschedules=conf.top.max_reschedules,
+            mute_interval=cells.mute_child_interval, backoff=backoff)
+        self.router = endpoint_mod.Router(self.sender, self.manager, cells.call_timeout,
+                                          cells.max_hop_count)
+        self.manager.router = self.router
+        url = conf.transport_url
+        transport = self.transports.rpc_transport(url)
+        self.servers = transport_mod.rpc_servers(
+            transport, url, cells.rpc_driver_queue_base, conf.host,
+            endpoint_mod.IntercellEndpoint(self.router))
+        self.servers.append(transport_mod.api_server(
+            transport, url, conf.top.topic, conf.host, top_mod.TopAPI(self.manager)))
+        for server in self.servers:
+            server.start()
+        LOG.info("Top cell %(name)s listening on %(url)s (%(base)s.*, client topic %(topic)s)",
+                 {"name": cells.name, "url": transport_mod.mask_url(url),
+                  "base": cells.rpc_driver_queue_base, "topic": conf.top.topic})
+        self.manager.announce()
+        self._thread = threading.Thread(target=self._loop, name="top-periodic", daemon=True)
+        self._thread.start()
+        sd_notify("READY=1")
+
+    def _loop(self):
+        interval = self.conf.top.periodic_interval
+        last_purge = 0.0
+        while not self._stop_requested.wait(interval):
+            try:
+                self.manager.tick()
+                now = time.monotonic()
+                if now - last_purge > 60:
+                    last_purge = now
+                    self.manager.purge(self.conf.top.purge_deleted_after)
+            except Exception:  # noqa: B902 - housekeeping must go on
+                LOG.exception("Top housekeeping failed; retrying next tick")
+
+    def request_stop(self, *_args):
+        self._stop_requested.set()
+
+    def wait(self):
+        self._stop_requested.wait()
+
+    def stop(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_requested.set()
+        sd_notify("STOPPING=1")
+        for server in self.servers:
+            server.stop()
+        for server in self.servers:
+            server.wait()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.transports.close()
         self.store.close()
         LOG.info("Stopped")

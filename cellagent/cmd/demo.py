@@ -1,11 +1,18 @@
-"""``cellagent-demo``: a child agent and an in-process parent, no broker.
+"""``cellagent-demo``: the all-in-one hybrid cloud, in one process, no broker.
 
-The embedded scenario of issue 3 (the full top cell comes with issue 4): a
-``cellagent`` child with the fake backend and a minimal parent cell talk the
-cells v1 wire over oslo.messaging's in-memory ``fake://`` transport, each on
-its own exchange. The parent sends builds, a reboot, a stop/start, a
-console-output call and deletes, and prints its view of the servers as the
-child's reports arrive.
+A top cell (``cellagent-top``'s service) and two child cells (``cellagent``
+agents with the fake backend) talk the cells v1 wire over oslo.messaging's
+in-memory ``fake://`` transport, each on its own exchange:
+
+* ``private``: the private cloud, room for 10 ``m1.small`` servers;
+* ``public``: a public cloud (fake; priced per vCPU-hour, slower to boot).
+
+A workload ramps up (30 servers over about 20 s by default). The scheduler
+places them in the private cell until its free room after placement would
+drop under the low watermark, then bursts into the public cell. The demo
+prints a progress bar and the moment it bursts, the uniform server list,
+scales back in (deletes, public first), shows that new servers go private
+again, and writes a PNG plot of instances per cell over time.
 """
 
 import argparse
@@ -16,194 +23,307 @@ import sys
 import tempfile
 import threading
 import time
-import uuid as uuidlib
 
 from cellagent.cmd import init_threading
 
 LOG = logging.getLogger(__name__)
 
-
-class ParentView:
-    """A minimal top: applies what a child reports, as a Stein API cell does."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.instances = {}
-        self.faults = []
-        self.capacities = {}
-        self.capabilities = {}
-        self.changed = threading.Condition(self.lock)
-
-    def handle(self, msg):
-        from cellagent.rpc import intercell
-        kwargs = msg.method_kwargs
-        with self.lock:
-            if msg.method_name == "instance_update_at_top":
-                data, changes = intercell.obj_data(kwargs["instance"], "Instance")
-                row = self.instances.setdefault(data["uuid"], {"uuid": data["uuid"]})
-                for field in changes:
-                    row[field] = data.get(field)
-                row["cell_name"] = intercell.reverse_path(msg.routing_path)
-            elif msg.method_name == "instance_destroy_at_top":
-                data, _ = intercell.obj_data(kwargs["instance"], "Instance")
-                self.instances.pop(data["uuid"], None)
-            elif msg.method_name == "instance_fault_create_at_top":
-                self.faults.append(kwargs["instance_fault"])
-            elif msg.method_name == "update_capacities":
-                self.capacities[kwargs["cell_name"]] = kwargs["capacities"]
-            elif msg.method_name == "update_capabilities":
-                self.capabilities[kwargs["cell_name"]] = kwargs["capabilities"]
-            self.changed.notify_all()
-        return None
-
-    def wait(self, predicate, timeout=30):
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while not predicate(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-        return True
-
-    def table(self):
-        lines = ["%-38s %-8s %-9s %-14s %-16s %s" % (
-            "uuid", "name", "vm_state", "task_state", "address", "cell")]
-        with self.lock:
-            rows = sorted(self.instances.values(), key=lambda r: r.get("display_name") or "")
-            for r in rows:
-                lines.append("%-38s %-8s %-9s %-14s %-16s %s" % (
-                    r["uuid"], r.get("display_name", "?"), r.get("vm_state"),
-                    r.get("task_state") or "-", r.get("access_ip_v4") or "-",
-                    r.get("cell_name")))
-            units = self.capacities.get("cell1", {}).get("ram_free", {}).get("units_by_mb", {})
-        lines.append("cell1 free units by flavor RAM: %s" % json.dumps(units, sort_keys=True))
-        return "\n".join(lines)
+PRIVATE_RAM_MB = 22800      # 10 x m1.small (2048 MB) after the 10 % reserve
 
 
-def _instance(uuid, name, flavor):
-    from cellagent.rpc import intercell
-    return intercell.obj_primitive("Instance", {
-        "uuid": uuid, "display_name": name, "hostname": name, "project_id": "demo",
-        "user_id": "alice", "image_ref": "cirros", "vm_state": "building",
-        "task_state": "scheduling", "memory_mb": flavor["memory_mb"],
-        "vcpus": flavor["vcpus"], "root_gb": flavor["root_gb"], "ephemeral_gb": 0,
-        "metadata": {}, "created_at": intercell.format_obj_datetime()})
-
-
-def run(out=sys.stdout, servers=3):
-    init_threading()
+def _conf(overrides):
     from oslo_config import cfg
 
     from cellagent import conf as conf_mod
-    from cellagent import service
-    from cellagent.rpc import endpoint, intercell, neighbours, parent_api, transport
-
-    tmp = tempfile.mkdtemp(prefix="cellagent-demo-")
-    cells_json = os.path.join(tmp, "cells.json")
-    with open(cells_json, "w") as f:
-        json.dump({"api": {"transport_url": "fake:///api", "is_parent": True}}, f)
     conf = cfg.ConfigOpts()
     conf_mod.register_opts(conf)
     conf([], project="cellagent-demo", default_config_files=[])
-    for name, value, group in (
-            ("transport_url", "fake:///cell1", None), ("host", "demo-agent", None),
-            ("state_path", tmp, None), ("name", "cell1", "cells"),
-            ("cells_config", cells_json, "cells"), ("report_delay", 0.2, "cells"),
-            ("call_timeout", 10, "cells"), ("driver", "fake", "backend"),
-            ("poll_interval", 0.1, "backend"), ("ram_mb", 8192, "fake"),
-            ("spawn_delay", 0.6, "fake"), ("reboot_delay", 0.4, "fake"),
-            ("stop_delay", 0.3, "fake"), ("start_delay", 0.3, "fake"),
-            ("delete_delay", 0.3, "fake")):
+    for (group, name), value in overrides.items():
         conf.set_override(name, value, group)
+    return conf
 
+
+def _write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
+
+
+def _child(tmp, name, ram_mb, spawn_delay):
+    from cellagent import service
+    state = os.path.join(tmp, name)
+    os.makedirs(state)
+    cells_json = _write_json(os.path.join(state, "cells.json"),
+                             {"top": {"transport_url": "fake:///top", "is_parent": True}})
+    conf = _conf({
+        (None, "transport_url"): "fake:///%s" % name, (None, "host"): "%s-agent" % name,
+        (None, "state_path"): state, ("cells", "name"): name,
+        ("cells", "cells_config"): cells_json, ("cells", "report_delay"): 0.1,
+        ("cells", "report_interval"): 5, ("backend", "driver"): "fake",
+        ("backend", "poll_interval"): 0.1, ("fake", "ram_mb"): ram_mb,
+        ("fake", "vcpus"): 512, ("fake", "disk_gb"): 100000,
+        ("fake", "spawn_delay"): spawn_delay, ("fake", "delete_delay"): 0.4,
+    })
     agent = service.AgentService(conf)
     agent.start()
+    return agent
 
-    # The parent: its own exchange on the in-memory transport, a router whose
-    # handler is the ParentView, and a record for its child.
-    view = ParentView()
-    records = {"cell1": neighbours.CellRecord("cell1", "fake:///cell1")}
-    sender = parent_api.IntercellSender("api", neighbours.Neighbours(records=records),
-                                        agent.transports, "cells.intercell", 10)
-    router = endpoint.Router(sender, view, call_timeout=10)
-    parent_servers = transport.rpc_servers(
-        agent.transports.rpc_transport("fake:///api"), "fake:///api", "cells.intercell",
-        "demo-api", endpoint.IntercellEndpoint(router))
-    for s in parent_servers:
-        s.start()
 
-    def send(method, kwargs, call=False):
-        msg = sender.new("targeted", method, kwargs, "down", target_cell="api!cell1",
-                         ctxt=intercell.admin_context())
-        if call:
-            return router.call(msg)
-        sender.send_to(records["cell1"], msg)
+def _top(tmp, low, high):
+    from cellagent import service
+    state = os.path.join(tmp, "top")
+    os.makedirs(state)
+    cells_json = _write_json(os.path.join(state, "cells.json"), {
+        "private": {"transport_url": "fake:///private", "tier": "private"},
+        "public": {"transport_url": "fake:///public", "tier": "public",
+                   "cost_per_vcpu_hour": 0.0464,
+                   "budget": {"max_instances": 40, "max_cost_per_hour": 5.0}},
+    })
+    conf = _conf({
+        (None, "transport_url"): "fake:///top", (None, "host"): "top",
+        (None, "state_path"): state, ("cells", "name"): "top",
+        ("cells", "cells_config"): cells_json, ("cells", "call_timeout"): 10,
+        ("top", "build_ack_timeout"): 10.0, ("top", "periodic_interval"): 0.2,
+        ("scheduler", "low_watermark"): low, ("scheduler", "high_watermark"): high,
+    })
+    top = service.TopService(conf)
+    top.start()
+    return top
 
-    def show(title):
-        out.write("\n== %s ==\n%s\n" % (title, view.table()))
-        out.flush()
 
+class Timeline:
+    """Instances per cell over time, and the moments the top burst."""
+
+    def __init__(self, store, cells):
+        self.store = store
+        self.cells = cells
+        self.t0 = time.monotonic()
+        self.samples = []        # (t, {cell: live}, {cell: active})
+        self.events = []         # (t, text)
+        self.lock = threading.Lock()
+
+    def now(self):
+        return time.monotonic() - self.t0
+
+    def sample(self):
+        live = {c: 0 for c in self.cells}
+        active = {c: 0 for c in self.cells}
+        errors = 0
+        for inst in self.store.list_instances():
+            if inst.vm_state == "error":
+                errors += 1
+                continue
+            if inst.cell_name in live:
+                live[inst.cell_name] += 1
+                if inst.vm_state == "active":
+                    active[inst.cell_name] += 1
+        with self.lock:
+            self.samples.append((self.now(), live, active))
+        return live, active, errors
+
+    def event(self, text):
+        with self.lock:
+            self.events.append((self.now(), text))
+
+
+class Progress:
+    """A one-line progress bar on a terminal, periodic lines otherwise."""
+
+    def __init__(self, out, timeline, target):
+        self.out = out
+        self.timeline = timeline
+        self.target = target
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self._last_line = 0.0
+        self.bursting = False
+
+    def line(self, live, active, errors):
+        done = sum(active.values())
+        width = 30
+        filled = int(width * done / max(1, self.target))
+        cells = "  ".join("%s %2d/%-2d" % (c, active[c], live[c]) for c in sorted(live))
+        return "[%s%s] %2d/%d active  %s%s%s" % (
+            "#" * filled, "." * (width - filled), done, self.target, cells,
+            "  errors %d" % errors if errors else "", "  BURSTING" if self.bursting else "")
+
+    def show(self, live, active, errors, force=False):
+        text = self.line(live, active, errors)
+        if self.tty:
+            self.out.write("\r" + text + "\033[K")
+        elif force or time.monotonic() - self._last_line >= 2.0:
+            self.out.write("%5.1fs %s\n" % (self.timeline.now(), text))
+            self._last_line = time.monotonic()
+        self.out.flush()
+
+    def say(self, text):
+        self.out.write(("\n" if self.tty else "") + "%5.1fs %s\n" % (self.timeline.now(), text))
+        self.out.flush()
+
+
+def plot(timeline, path):
+    """Write the instances-per-cell plot; returns the path or None."""
     try:
-        send("announce_capacities", {})
-        view.wait(lambda v: "cell1" in v.capacities, 10)
-        flavor = {"name": "m1.small", "memory_mb": 2048, "vcpus": 1, "root_gb": 20}
-        uuids = [str(uuidlib.uuid4()) for _ in range(servers)]
-        send("build_instances", {"build_inst_kwargs": {
-            "instances": [_instance(u, "web-%d" % i, flavor) for i, u in enumerate(uuids)],
-            "image": {"id": "cirros", "name": "cirros"},
-            "filter_properties": {"instance_type": intercell.obj_primitive(
-                "Flavor", dict(flavor, flavorid="2", ephemeral_gb=0, swap=0,
-                               extra_specs={}))},
-            "admin_password": "not-logged", "security_groups": ["default"]}})
-        view.wait(lambda v: len(v.instances) == servers, 10)
-        show("build accepted by cell1")
-        view.wait(lambda v: all(v.instances.get(u, {}).get("vm_state") == "active"
-                                for u in uuids), 30)
-        time.sleep(0.5)   # let the coalesced capacity report land
-        show("all active")
-        send("reboot_instance", {"instance": _instance(uuids[0], "web-0", flavor),
-                                 "reboot_type": "HARD"})
-        view.wait(lambda v: v.instances[uuids[0]].get("task_state") == "rebooting_hard", 10)
-        show("hard reboot of web-0 in progress")
-        view.wait(lambda v: v.instances[uuids[0]].get("task_state") is None, 10)
-        show("web-0 rebooted")
-        send("stop_instance", {"instance": _instance(uuids[1], "web-1", flavor),
-                               "clean_shutdown": True})
-        view.wait(lambda v: v.instances[uuids[1]].get("vm_state") == "stopped", 10)
-        show("web-1 stopped")
-        send("start_instance", {"instance": _instance(uuids[1], "web-1", flavor)})
-        view.wait(lambda v: v.instances[uuids[1]].get("vm_state") == "active", 10)
-        responses = send("run_compute_api_method", {"method_info": {
-            "method": "get_console_output", "method_args": [uuids[2], 3],
-            "method_kwargs": {}}}, call=True)
-        out.write("\n== console output of web-2 (a call answered by cell1) ==\n%s\n"
-                  % responses[0].value)
-        for u in uuids:
-            send("terminate_instance", {"instance": _instance(u, "", flavor),
-                                        "delete_type": "delete"})
-        view.wait(lambda v: not v.instances, 15)
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        LOG.warning("matplotlib is not installed: no plot (pip install cellagent[demo])")
+        return None
+    with timeline.lock:
+        samples = list(timeline.samples)
+        events = list(timeline.events)
+    times = [s[0] for s in samples]
+    fig, ax = pyplot.subplots(figsize=(9, 4.5), dpi=100)
+    colours = {"private": "#2b7bba", "public": "#f28e2b"}
+    series = [[s[1][c] for s in samples] for c in timeline.cells]
+    ax.stackplot(times, series, labels=["%s cell" % c for c in timeline.cells],
+                 colors=[colours.get(c, None) for c in timeline.cells], alpha=0.85,
+                 step="post")
+    for t, text in events:
+        ax.axvline(t, color="#444444", linestyle="--", linewidth=1)
+        ax.annotate(text, (t, ax.get_ylim()[1] * 0.97), rotation=90, fontsize=8,
+                    va="top", ha="right")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("servers (building or active)")
+    ax.set_title("cellagent all-in-one demo: private first, burst when short")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot.close(fig)
+    return path
+
+
+def run(out=sys.stdout, servers=30, ramp_seconds=20.0, plot_path="cellagent-demo.png",
+        low=20.0, high=40.0):
+    init_threading()
+    from cellagent.cmd import client
+
+    tmp = tempfile.mkdtemp(prefix="cellagent-demo-")
+    children = []
+    top = None
+    ok = False
+    try:
+        children.append(_child(tmp, "private", PRIVATE_RAM_MB, spawn_delay=1.0))
+        children.append(_child(tmp, "public", 1024 * 1024, spawn_delay=2.5))
+        top = _top(tmp, low, high)
+        manager = top.manager
+        timeline = Timeline(top.store, ["private", "public"])
+        progress = Progress(out, timeline, servers)
+
+        def on_event(event, **details):
+            if event == "burst":
+                d = details["decision"]
+                progress.bursting = d.bursting
+                text = ("BURST into %s: %s" % (d.cell, d.reason) if d.bursting else
+                        "burst over, back to %s: %s" % (d.cell, d.reason))
+                timeline.event("burst" if d.bursting else "burst over")
+                progress.say(text)
+        manager.add_listener(on_event)
+
+        out.write("cellagent demo: top cell 'top', children 'private' (room for 10 m1.small) "
+                  "and 'public' (burst target)\nlow watermark %.0f%%, high watermark %.0f%%; "
+                  "ramping up %d servers over %.0f s\n\n" % (low, high, servers, ramp_seconds))
+        _wait_for_reports(manager, ["private", "public"], 10)
+        out.write(client.format_cells(manager.cell_dicts(), time.time()) + "\n\n")
+
+        interval = ramp_seconds / max(1, servers)
+        next_at = time.monotonic()
+        for i in range(servers):
+            manager.create_servers("web-%02d" % (i + 1), "m1.small", "cirros")
+            next_at += interval
+            while time.monotonic() < next_at:
+                progress.show(*timeline.sample())
+                time.sleep(min(0.1, max(0.0, next_at - time.monotonic())))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            live, active, errors = timeline.sample()
+            progress.show(live, active, errors)
+            if sum(active.values()) + errors >= servers:
+                break
+            time.sleep(0.1)
+        progress.show(*timeline.sample(), force=True)
         time.sleep(0.5)
-        show("all deleted")
-        ok = not view.instances
+        out.write("\n\n== the uniform server list (cellagent-client server list) ==\n")
+        out.write(client.format_servers(_server_dicts(manager), time.time()) + "\n\n")
+        out.write(client.format_cells(manager.cell_dicts(), time.time()) + "\n\n")
+        _, active, errors = timeline.sample()
+        built = sum(active.values())
+
+        progress.say("scaling in: deleting every server, public cell first")
+        timeline.event("scale in")
+        rows = sorted(top.store.list_instances(), key=lambda r: (r.cell_name != "public",
+                                                                 r.name))
+        for row in rows:
+            manager.delete_server(row.uuid)
+            progress.show(*timeline.sample())
+            time.sleep(0.15)
+        _wait(lambda: not top.store.list_instances(), 20, timeline, progress)
+        time.sleep(0.5)   # the children's capacity reports land
+        progress.say("after the scale-in: two new servers")
+        extra = manager.create_servers("db", "m1.small", "cirros", count=2)
+        _wait(lambda: all(top.store.get_instance(r.uuid).vm_state == "active"
+                          for r in extra), 15, timeline, progress)
+        cells = sorted({top.store.get_instance(r.uuid).cell_name for r in extra})
+        progress.say("db-1 and db-2 went to: %s" % ", ".join(cells))
+        for r in extra:
+            manager.delete_server(r.uuid)
+        _wait(lambda: not top.store.list_instances(), 15, timeline, progress)
+        timeline.sample()
+        path = plot(timeline, plot_path) if plot_path else None
+        if path:
+            out.write("\nplot of instances per cell over time: %s\n" % os.path.abspath(path))
+        ok = (built == servers and errors == 0 and cells == ["private"]
+              and not top.store.list_instances()
+              and any(t == "burst" for _, t in timeline.events))
+        out.write("\n%d/%d servers built (%d in private, %d burst to public), all deleted; "
+                  "demo %s in %.0f s\n" % (built, servers, active["private"],
+                                           active["public"], "finished" if ok else "FAILED",
+                                           timeline.now()))
     finally:
-        for s in parent_servers:
-            s.stop()
-        for s in parent_servers:
-            s.wait()
-        agent.stop()
-    out.write("\ndemo %s\n" % ("finished" if ok else "FAILED"))
+        if top is not None:
+            top.stop()
+        for child in children:
+            child.stop()
     return 0 if ok else 1
+
+
+def _server_dicts(manager):
+    return [manager.server_dict(r) for r in manager.store.list_instances()]
+
+
+def _wait_for_reports(manager, names, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reports = manager.store.cell_reports()
+        if all(n in reports and reports[n].capacities for n in names):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _wait(predicate, timeout, timeline, progress):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress.show(*timeline.sample())
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", type=int, default=3, help="servers to build")
+    parser.add_argument("--servers", type=int, default=30, help="servers to ramp up")
+    parser.add_argument("--ramp-seconds", type=float, default=20.0,
+                        help="seconds over which the servers are asked for")
+    parser.add_argument("--plot", default="cellagent-demo.png",
+                        help="where to write the PNG plot ('' for none)")
     parser.add_argument("--debug", action="store_true", help="log to stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return run(servers=args.servers)
+    return run(servers=args.servers, ramp_seconds=args.ramp_seconds, plot_path=args.plot)
 
 
 if __name__ == "__main__":

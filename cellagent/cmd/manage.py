@@ -9,9 +9,20 @@ Examples::
     cellagent-manage --config-file ... journal replay <id>   # failed -> received
     cellagent-manage --config-file ... capacity show
 
-``journal replay`` marks a failed (or dropped) entry to be replayed: the agent
-replays it at its next start. ``capacity show`` prints the cells v1
-capacities this cell reports, computed from the backend now.
+    cellagent-manage --config-file ... cell create aws-east \\
+        --transport-url rabbit://user:pass@broker-aws/ --tier public \\
+        --cost-per-vcpu-hour 0.05 --flavor-cost m1.large=0.20 --max-instances 50
+    cellagent-manage --config-file ... cell update aws-east --disable
+    cellagent-manage --config-file ... cell list | show <name> | delete <name>
+
+``db sync`` creates or upgrades both the child agent's tables and the top
+cell's (``top_*``) in ``[database] connection``; a database serves one kind
+of process, and the other set of tables stays empty. ``journal replay``
+marks a failed (or dropped) entry to be replayed: the agent replays it at
+its next start. ``capacity show`` prints the cells v1 capacities this cell
+reports, computed from the backend now. ``cell`` edits the top cell's cell
+records (the top reads them beside its ``cells_config`` file); ``update``
+changes only the options given.
 """
 
 import json
@@ -40,6 +51,54 @@ def _add_commands(subparsers):
     c_sub = capacity.add_subparsers(dest="action")
     c_sub.required = True
     c_sub.add_parser("show", help="print the cells v1 capacities payload")
+    cell = subparsers.add_parser("cell", help="the top cell's records of its cells")
+    cell_sub = cell.add_subparsers(dest="action")
+    cell_sub.required = True
+    for action, text in (("create", "add a cell record"),
+                         ("update", "change the options given, keep the rest")):
+        parser = cell_sub.add_parser(action, help=text)
+        parser.add_argument("cell_name", metavar="NAME", help="the cell's name")
+        _add_cell_options(parser, create=action == "create")
+    cell_sub.add_parser("list", help="every cell record (passwords masked)")
+    for action, text in (("show", "one cell record and its last report"),
+                         ("delete", "remove a cell record and its report")):
+        cell_sub.add_parser(action, help=text).add_argument(
+            "cell_name", metavar="NAME", help="the cell's name")
+
+
+# NOTE: every dest starts with "cell_": oslo.config refuses a sub-command
+# argument named like a registered option (transport_url is one).
+def _add_cell_options(parser, create):
+    parser.add_argument("--transport-url", dest="cell_transport_url",
+                        help="the cell's broker URL (its nova transport_url)%s"
+                        % ("; required" if create else ""))
+    parent = parser.add_mutually_exclusive_group()
+    parent.add_argument("--parent", dest="cell_is_parent", action="store_const", const=True,
+                        default=None, help="the cell is a parent of this one")
+    if not create:
+        parent.add_argument("--child", dest="cell_is_parent", action="store_const",
+                            const=False, help="the cell is a child of this one")
+    parser.add_argument("--tier", dest="cell_tier",
+                        help="private (used first) or public (burst); default private")
+    parser.add_argument("--cost-per-vcpu-hour", dest="cell_cost_per_vcpu_hour",
+                        metavar="COST", help="estimated cost of one vCPU for an hour")
+    parser.add_argument("--flavor-cost", dest="cell_flavor_costs", action="append",
+                        metavar="FLAVOR=COST",
+                        help="cost per hour of one flavor (repeatable); overrides the "
+                             "per-vCPU estimate. On update, FLAVOR=none removes one")
+    parser.add_argument("--weight-offset", dest="cell_weight_offset", metavar="NUMBER")
+    parser.add_argument("--weight-scale", dest="cell_weight_scale", metavar="NUMBER")
+    for option, dest, what in (
+            ("--max-instances", "cell_max_instances", "instances"),
+            ("--max-vcpus", "cell_max_vcpus", "vCPUs"),
+            ("--max-cost-per-hour", "cell_max_cost_per_hour", "cost per hour")):
+        parser.add_argument(option, dest=dest, metavar="N",
+                            help="most %s the cell may run; 'none' for no cap" % what)
+    enabled = parser.add_mutually_exclusive_group()
+    enabled.add_argument("--disable", dest="cell_disabled", action="store_const", const=True,
+                         default=None, help="schedule no new builds to the cell")
+    enabled.add_argument("--enable", dest="cell_disabled", action="store_const", const=False,
+                         help="schedule builds to the cell again")
 
 
 def _fmt(entry):
@@ -72,6 +131,8 @@ def main(argv=None):
             return _journal(conf, action, service.open_store(conf))
         if cmd == "capacity":
             return _capacity(conf)
+        if cmd == "cell":
+            return _cell(conf, action)
     except exception.CellAgentError as e:
         print("cellagent-manage: %s" % e.message, file=sys.stderr)
         return 1
@@ -81,18 +142,178 @@ def main(argv=None):
 def _db(conf, action):
     from cellagent import state
     from cellagent.conf import database
-    store = state.get_store(database.connection_url(conf),
-                            busy_timeout=conf.database.busy_timeout)
+    url = database.connection_url(conf)
+    stores = [("schema", state.get_store(url, busy_timeout=conf.database.busy_timeout))]
     try:
-        if action == "sync":
-            before = store.schema_version()
-            after = store.sync_schema()
-            print("schema version %s -> %s" % (before, after))
-        else:
-            print(store.schema_version())
+        if url != "memory://":      # nothing to create, and no top, in memory
+            stores.append(("top schema", _top_store(conf, check=False)))
+        for label, store in stores:
+            if action == "sync":
+                before = store.schema_version()
+                after = store.sync_schema()
+                print("%s version %s -> %s" % (label, before, after))
+            else:
+                print("%s version %s" % (label, store.schema_version()))
+    finally:
+        for _label, store in stores:
+            store.close()
+    return 0
+
+
+def _top_store(conf, check=True):
+    """The top's store; with ``check``, its schema created on an empty database."""
+    from cellagent import state
+    from cellagent.conf import database
+    store = state.get_top_store(database.connection_url(conf),
+                                busy_timeout=conf.database.busy_timeout)
+    if check:
+        try:
+            if store.schema_version() == 0:
+                store.sync_schema()
+            store.check_schema()
+        except Exception:  # noqa: B902 - closed, then reported by main
+            store.close()
+            raise
+    return store
+
+
+_CELL_NUMBERS = {"cell_weight_offset": ("weight_offset", float),
+                 "cell_weight_scale": ("weight_scale", float),
+                 "cell_cost_per_vcpu_hour": ("cost_per_vcpu_hour", float)}
+_CELL_CAPS = {"cell_max_instances": ("max_instances", int),
+              "cell_max_vcpus": ("max_vcpus", int),
+              "cell_max_cost_per_hour": ("max_cost_per_hour", float)}
+
+
+def _number(option, text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError("--%s %s is not %s" % (option.replace("_", "-"), text,
+                                                "an integer" if kind is int else "a number"))
+
+
+def _cell_changes(args, flavor_costs):
+    """The TopCell fields the command line sets, parsed (ValueError if bad)."""
+    changes = {}
+    for dest in ("cell_transport_url", "cell_is_parent", "cell_tier", "cell_disabled"):
+        value = getattr(args, dest)
+        if value is not None:
+            changes[dest[len("cell_"):]] = value
+    for dest, (field, kind) in _CELL_NUMBERS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            changes[field] = _number(field, value, kind)
+    for dest, (field, kind) in _CELL_CAPS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            changes[field] = (None if value.strip().lower() in ("none", "")
+                              else _number(field, value, kind))
+    if args.cell_flavor_costs:
+        costs = dict(flavor_costs)
+        for item in args.cell_flavor_costs:
+            flavor, sep, cost = item.partition("=")
+            if not sep or not flavor.strip():
+                raise ValueError("--flavor-cost %s is not FLAVOR=COST" % item)
+            if cost.strip().lower() in ("none", ""):
+                costs.pop(flavor.strip(), None)
+            else:
+                costs[flavor.strip()] = _number("flavor_cost", cost, float)
+        changes["flavor_costs"] = costs
+    return changes
+
+
+def _cell(conf, action):
+    import dataclasses
+
+    from cellagent import exception
+    from cellagent import objects
+    args = conf.command
+    store = _top_store(conf)
+    try:
+        if action == "list":
+            _print_cells(store.list_cells())
+            return 0
+        name = args.cell_name
+        if action == "show":
+            _print_cell(store.get_cell(name), store.cell_reports().get(name))
+            return 0
+        if action == "delete":
+            store.delete_cell(name)
+            print("cell %s deleted" % name)
+            return 0
+        try:
+            if action == "create":
+                try:
+                    store.get_cell(name)
+                except exception.CellNotFound:
+                    pass
+                else:
+                    raise exception.CellAgentError("cell %s already exists: use 'cell "
+                                                   "update'" % name)
+                if args.cell_transport_url is None:
+                    raise ValueError("cell create needs --transport-url")
+                cell = objects.TopCell(name=name, **_cell_changes(args, {}))
+            else:
+                current = store.get_cell(name)
+                changes = _cell_changes(args, current.flavor_costs)
+                if not changes:
+                    raise exception.CellAgentError("nothing to change: give an option")
+                cell = dataclasses.replace(current, **changes)
+            if not cell.transport_url.strip():
+                raise ValueError("--transport-url must not be empty")
+        except ValueError as e:
+            # TopCell's own messages already name the cell.
+            text = str(e) if str(e).startswith("cell ") else "cell %s: %s" % (name, e)
+            raise exception.CellAgentError(text)
+        store.put_cell(cell)
+        print("cell %s %sd" % (name, action))
+        _print_cell(cell)
+        return 0
     finally:
         store.close()
-    return 0
+
+
+def _masked(url):
+    from cellagent.rpc import transport
+    return transport.mask_url(url) if url else "-"
+
+
+def _cap(value):
+    return "-" if value is None else str(value)
+
+
+def _print_cells(cells):
+    rows = [("NAME", "TIER", "ROLE", "STATE", "COST/VCPU-H", "MAX INST", "MAX VCPUS",
+             "MAX COST/H", "TRANSPORT URL")]
+    for c in cells:
+        rows.append((c.name, c.tier, "parent" if c.is_parent else "child",
+                     "disabled" if c.disabled else "enabled", "%g" % c.cost_per_vcpu_hour,
+                     _cap(c.max_instances), _cap(c.max_vcpus), _cap(c.max_cost_per_hour),
+                     _masked(c.transport_url)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths, strict=True))
+              + "  " + row[-1])
+
+
+def _print_cell(cell, report=None):
+    fields = [("name", cell.name), ("transport_url", _masked(cell.transport_url)),
+              ("is_parent", cell.is_parent), ("tier", cell.tier),
+              ("disabled", cell.disabled), ("weight_offset", cell.weight_offset),
+              ("weight_scale", cell.weight_scale),
+              ("cost_per_vcpu_hour", cell.cost_per_vcpu_hour),
+              ("flavor_costs", json.dumps(cell.flavor_costs, sort_keys=True)),
+              ("max_instances", _cap(cell.max_instances)),
+              ("max_vcpus", _cap(cell.max_vcpus)),
+              ("max_cost_per_hour", _cap(cell.max_cost_per_hour))]
+    if report is not None:
+        fields += [("last_seen", report.last_seen or "-"),
+                   ("capacities_at", report.capacities_at or "-"),
+                   ("backoff_until", report.backoff_until or "-"),
+                   ("failures", report.failures)]
+    for key, value in fields:
+        print("%-20s %s" % (key, value))
 
 
 def _journal(conf, action, store):

@@ -173,6 +173,22 @@ Possible values:
 
 * A list of flavor descriptions.
 """),
+    cfg.FloatOpt(
+        "mute_child_interval",
+        default=300.0,
+        min=1.0,
+        help="""
+Seconds after which a child that sent no report is treated as mute.
+
+Used by a parent (``cellagent-top``): a child is mute when neither
+``update_capabilities`` nor ``update_capacities`` arrived for this long, or
+never. The ``mute_child`` filter keeps builds away from it and the
+``mute_child`` weigher pushes it to the bottom, as nova's did.
+
+Possible values:
+
+* A positive number of seconds.
+"""),
     cfg.IntOpt(
         "drain_timeout",
         default=30,

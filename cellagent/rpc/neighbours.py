@@ -100,6 +100,12 @@ class Neighbours:
             except exception.ConfigurationError as e:
                 LOG.error("Keeping the previous cell records: %s", e)
 
+    def replace(self, records):
+        """Use ``records`` ({name: CellRecord}) from now on (the top merges
+        its database records with the file and hands the result here)."""
+        with self._lock:
+            self._records = dict(records)
+
     def all(self):
         return dict(self._records)
 

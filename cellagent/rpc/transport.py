@@ -382,3 +382,12 @@ def rpc_servers(transport, url, base, host, endpoint):
                                "native threads only" % server.executor_type)
         servers.append(server)
     return servers
+
+
+def api_server(transport, url, topic, host, endpoint):
+    """The top's client API server (``[top] topic``), threading executor."""
+    import oslo_messaging
+    from oslo_messaging.rpc import dispatcher
+    target = oslo_messaging.Target(topic=topic, server=host, exchange=exchange_for(url))
+    return oslo_messaging.get_rpc_server(
+        transport, target, [endpoint], access_policy=dispatcher.DefaultRPCAccessPolicy)

@@ -1,7 +1,8 @@
-"""Durable state of the agent: the journal, operation claims, the instance map.
+"""Durable state: the child agent's store and the top cell's store.
 
-The interface is ``base.Store``; ``get_store`` picks the implementation from
-the URL, so callers never import one directly.
+The child's interface is ``base.Store``; ``get_store`` picks the
+implementation from the URL, so callers never import one directly. The top
+cell's store is ``top.TopStore``, from ``get_top_store``.
 """
 
 from cellagent.state.base import SCHEMA_VERSION, Store  # noqa: F401
@@ -20,3 +21,21 @@ def get_store(url, **kwargs):
         return memory.MemoryStore(url, **kwargs)
     from cellagent.state import sql
     return sql.SqlStore(url, **kwargs)
+
+
+def get_top_store(url, **kwargs):
+    """Return the top cell's TopStore for ``url`` (SQLite or PostgreSQL).
+
+    ``kwargs`` (busy_timeout, pool_size, ...) go to ``TopStore``. The
+    schema is not checked here: call ``check_schema()`` or ``sync_schema()``.
+
+    :raises ConfigurationError: for ``memory://`` (the top keeps its state
+        in a database) or a URL SQLAlchemy cannot use.
+    """
+    if url == "memory://":
+        from cellagent import exception
+        raise exception.ConfigurationError(
+            reason="the top cell needs a database (sqlite:///path or postgresql://...), "
+                   "not memory://")
+    from cellagent.state import top
+    return top.TopStore(url, **kwargs)

@@ -2,7 +2,7 @@
 
 ``CellHarness`` wires a real child agent (``service.AgentService``) and a
 minimal in-process parent over oslo.messaging's in-memory ``fake://``
-transport, the way ``cellagent.cmd.demo`` does. The fake transport keeps its
+transport, the way ``cellagent.cmd.demo`` wires its cells. The fake transport keeps its
 exchanges in one process-global dict keyed by exchange name (``cells-<vhost>``),
 so every harness uses fresh, random virtual hosts.
 """
@@ -105,11 +105,69 @@ def build_kwargs(uuids, password="not-logged", flavor=FLAVOR):
 # -- the parent side ----------------------------------------------------------
 
 
-class RecordingParent:
-    """A minimal top (``demo.ParentView``) that also keeps every message it got."""
+class ParentView:
+    """A minimal Stein API cell: applies what a child reports (no guards)."""
 
     def __init__(self):
-        from cellagent.cmd.demo import ParentView
+        self.lock = threading.Lock()
+        self.instances = {}
+        self.faults = []
+        self.capacities = {}
+        self.capabilities = {}
+        self.changed = threading.Condition(self.lock)
+
+    def handle(self, msg):
+        from cellagent.rpc import intercell
+        kwargs = msg.method_kwargs
+        with self.lock:
+            if msg.method_name == "instance_update_at_top":
+                data, changes = intercell.obj_data(kwargs["instance"], "Instance")
+                row = self.instances.setdefault(data["uuid"], {"uuid": data["uuid"]})
+                for field in changes:
+                    row[field] = data.get(field)
+                row["cell_name"] = intercell.reverse_path(msg.routing_path)
+            elif msg.method_name == "instance_destroy_at_top":
+                data, _ = intercell.obj_data(kwargs["instance"], "Instance")
+                self.instances.pop(data["uuid"], None)
+            elif msg.method_name == "instance_fault_create_at_top":
+                self.faults.append(kwargs["instance_fault"])
+            elif msg.method_name == "update_capacities":
+                self.capacities[kwargs["cell_name"]] = kwargs["capacities"]
+            elif msg.method_name == "update_capabilities":
+                self.capabilities[kwargs["cell_name"]] = kwargs["capabilities"]
+            self.changed.notify_all()
+        return None
+
+    def wait(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+    def table(self):
+        lines = ["%-38s %-8s %-9s %-14s %-16s %s" % (
+            "uuid", "name", "vm_state", "task_state", "address", "cell")]
+        with self.lock:
+            rows = sorted(self.instances.values(), key=lambda r: r.get("display_name") or "")
+            for r in rows:
+                lines.append("%-38s %-8s %-9s %-14s %-16s %s" % (
+                    r["uuid"], r.get("display_name", "?"), r.get("vm_state"),
+                    r.get("task_state") or "-", r.get("access_ip_v4") or "-",
+                    r.get("cell_name")))
+            units = self.capacities.get("cell1", {}).get("ram_free", {}).get("units_by_mb", {})
+        lines.append("cell1 free units by flavor RAM: %s" % json.dumps(units, sort_keys=True))
+        return "\n".join(lines)
+
+
+
+class RecordingParent:
+    """A ``ParentView`` that also keeps every message it got."""
+
+    def __init__(self):
         self.view = ParentView()
         self._lock = threading.Lock()
         self.messages = []
