@@ -25,11 +25,21 @@ decisions, as the top would:
   in twenty is backed off for the first 10 minutes.
 
 Only the ``select`` calls are timed (wall clock, and CPU time of this
-process), the bookkeeping around them is not. Output: one JSON line on
-stdout.
+process), the bookkeeping around them is not.
+
+``staleness`` measures how old the top's view of a child's capacity is: a
+real ``TopService`` and a child ``AgentService`` (fake backend, default
+``[cells] report_delay``) run in this process on two fresh vhosts of the
+real RabbitMQ (127.0.0.1:5672, made and removed with ``rabbitmqctl``). The
+top builds and deletes servers one at a time; for each change the time from
+the moment the child's backend took it (its free RAM changed) to the moment
+the top stored a capacity report showing it is one sample. ``--no-staleness``
+skips it (no broker needed then).
+
+Output: one JSON line on stdout.
 
     /work/main/.venv/bin/python benchmarks/scheduler.py [--count 20000]
-        [--cells 100] [--flavors 20] [--seed 1]
+        [--cells 100] [--flavors 20] [--seed 1] [--changes 20] [--no-staleness]
 """
 
 import argparse
@@ -217,6 +227,151 @@ def decisions(count=20000, cells=100, flavors=20, seed=1, public_share=0.4, tick
     }
 
 
+def _rabbitmqctl(*args):
+    import subprocess
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def staleness(changes=20, broker="guest:guest@127.0.0.1:5672"):
+    """Seconds from a child's capacity change to the top holding it."""
+    import tempfile
+    import threading
+    import uuid as uuidlib
+
+    from cellagent.cmd import init_threading
+    init_threading()
+    from oslo_config import cfg
+
+    from cellagent import conf as conf_mod
+    from cellagent import service
+
+    tag = uuidlib.uuid4().hex[:8]
+    vhosts = {"top": "bench-top-" + tag, "private": "bench-private-" + tag}
+    for name in vhosts.values():
+        _rabbitmqctl("add_vhost", name)
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    url = {k: "rabbit://%s/%s" % (broker, v) for k, v in vhosts.items()}
+    tmp = tempfile.mkdtemp(prefix="cellagent-bench-")
+
+    def make_conf(overrides):
+        conf = cfg.ConfigOpts()
+        conf_mod.register_opts(conf)
+        conf([], project="cellagent-bench", default_config_files=[])
+        for (group, name), value in overrides.items():
+            conf.set_override(name, value, group)
+        return conf
+
+    def write(name, data):
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            json.dump(data, f)
+        return path
+
+    child = top = None
+    changed = []            # (monotonic time of the change, free RAM after it)
+    seen = []               # (monotonic time, free RAM) of reports stored at the top
+    got = threading.Condition()
+    try:
+        child = service.AgentService(make_conf({
+            (None, "transport_url"): url["private"], (None, "host"): "bench-child",
+            (None, "state_path"): os.path.join(tmp, "child"), ("cells", "name"): "private",
+            ("cells", "cells_config"): write("child.json", {"top": {
+                "transport_url": url["top"], "is_parent": True}}),
+            ("backend", "driver"): "fake", ("backend", "poll_interval"): 0.05,
+            ("fake", "ram_mb"): 200000}))
+        child.start()
+        backend = child.backend
+        spawn, destroy = backend.spawn, backend.destroy
+
+        def mark(fn):
+            def wrapper(*args, **kwargs):
+                result = fn(*args, **kwargs)
+                # The fake backend takes the room (or frees it) in this call.
+                free = backend.get_capacity([]).ram_free_mb
+                changed.append((time.monotonic(), int(free)))
+                return result
+            return wrapper
+        backend.spawn, backend.destroy = mark(spawn), mark(destroy)
+
+        top = service.TopService(make_conf({
+            (None, "transport_url"): url["top"], (None, "host"): "bench-top",
+            (None, "state_path"): os.path.join(tmp, "top"), ("cells", "name"): "top",
+            ("cells", "cells_config"): write("top.json", {"private": {
+                "transport_url": url["private"], "tier": "private"}}),
+            ("top", "periodic_interval"): 0.1}))
+        top.start()
+
+        def on_event(event, **details):
+            if event == "capacities":
+                with got:
+                    seen.append((time.monotonic(),
+                                 int(details["capacities"]["ram_free"]["total_mb"])))
+                    got.notify_all()
+        top.manager.add_listener(on_event)
+
+        def wait_seen(free, since, timeout=10.0):
+            deadline = time.monotonic() + timeout
+            with got:
+                while True:
+                    for when, ram in seen:
+                        if ram == free and when >= since:
+                            return when
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    got.wait(left)
+
+        deadline = time.monotonic() + 20
+        while "private" not in top.store.cell_reports() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        samples = []
+        lost = 0
+        for i in range(changes):
+            before = len(changed)
+            if i % 2 == 0:
+                rows = top.manager.create_servers("s%d" % i, "m1.small", "cirros")
+                uuid = rows[0].uuid
+            else:
+                top.manager.delete_server(uuid)
+            deadline = time.monotonic() + 10
+            while len(changed) == before and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if len(changed) == before:
+                print("change %d: the backend never changed" % i, file=sys.stderr)
+                lost += 1
+                continue
+            at, free = changed[-1]
+            when = wait_seen(free, at)
+            if when is None:
+                print("change %d (free %d MB) never seen at the top; seen: %s" % (
+                    i, free, seen[-3:]), file=sys.stderr)
+                lost += 1
+                continue
+            samples.append(when - at)
+            time.sleep(0.3)
+        samples.sort()
+        return {
+            "staleness_changes": changes,
+            "staleness_p50_s": round(samples[len(samples) // 2], 3) if samples else None,
+            "staleness_p95_s": round(samples[max(0, int(len(samples) * 0.95) - 1)], 3)
+            if samples else None,
+            "staleness_max_s": round(samples[-1], 3) if samples else None,
+            "staleness_lost": lost,
+            "report_delay_s": child.conf.cells.report_delay,
+        }
+    finally:
+        if top is not None:
+            top.stop()
+        if child is not None:
+            child.stop()
+        for name in vhosts.values():
+            try:
+                _rabbitmqctl("delete_vhost", name)
+            except Exception as e:  # noqa: B902 - best effort
+                print("could not delete vhost %s: %s" % (name, e), file=sys.stderr)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000, help="decisions to time")
@@ -231,6 +386,10 @@ def parse_args(argv):
                         help="simulated seconds from a placement to the cell's report")
     parser.add_argument("--delete-every", type=int, default=10,
                         help="decisions between deletions (and a report) in a random cell")
+    parser.add_argument("--changes", type=int, default=20,
+                        help="capacity changes timed for the staleness figure")
+    parser.add_argument("--no-staleness", action="store_true",
+                        help="skip the staleness measurement (needs RabbitMQ)")
     return parser.parse_args(argv)
 
 
@@ -240,6 +399,8 @@ def main(argv=None):
     result.update(decisions(count=args.count, cells=args.cells, flavors=args.flavors,
                             seed=args.seed, public_share=args.public_share, tick=args.tick,
                             report_delay=args.report_delay, delete_every=args.delete_every))
+    if not args.no_staleness:
+        result.update(staleness(changes=args.changes))
     print(json.dumps(result))
     return 0
 

@@ -396,6 +396,7 @@ class CellManager:
                 LOG.warning("[instance: %(uuid)s] Dropped build from message %(msg)s: this "
                             "instance was already built or is being built",
                             {"uuid": uuid, "msg": msg.uuid})
+                self._answer_resend(uuid, msg.ctxt)
                 continue
             rec = self.store.get_instance(uuid)
             if rec is not None and rec.deleted:
@@ -438,6 +439,17 @@ class CellManager:
             del futures  # the first report is fire-and-confirm; the last one gates
             self.work.submit(uuid, lambda r=rec, q=request, d=done, c=msg.ctxt:
                              self._spawn(r, q, d, c))
+
+    def _answer_resend(self, uuid, ctxt):
+        """A re-sent build means the top did not hear from us: tell it again
+        where the instance stands, so it stops re-sending (and never moves
+        the build to another cell while this one has the instance)."""
+        rec = self.store.get_instance(uuid)
+        if rec is None or rec.deleted:
+            return
+        fields = [f for f in OWNED_FIELDS if f in rec.instance]
+        self._report(rec, sorted(set(fields) | {"vm_state", "task_state"}), ctxt,
+                     persist=False)
 
     def _flavor_of(self, kwargs, data):
         props = kwargs.get("filter_properties")

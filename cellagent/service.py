@@ -227,8 +227,13 @@ class TopService:
             endpoint_mod.IntercellEndpoint(self.router))
         self.servers.append(transport_mod.api_server(
             transport, url, conf.top.topic, conf.host, top_mod.TopAPI(self.manager)))
-        for server in self.servers:
-            server.start()
+        # One worker per inter-cell topic: a child's updates of one instance
+        # (powering-on, then active) must be applied in the order they were
+        # sent, which a pool of workers would not keep. The client API
+        # server keeps its pool: its calls are independent.
+        for server in self.servers[:-1]:
+            server.start(override_pool_size=1)
+        self.servers[-1].start()
         LOG.info("Top cell %(name)s listening on %(url)s (%(base)s.*, client topic %(topic)s)",
                  {"name": cells.name, "url": transport_mod.mask_url(url),
                   "base": cells.rpc_driver_queue_base, "topic": conf.top.topic})

@@ -132,13 +132,15 @@ Related options:
 """),
     cfg.FloatOpt(
         "report_delay",
-        default=1.0,
+        default=0.5,
         min=0.0,
         help="""
 Seconds to gather changes before reporting capacities (cellagent's own).
 
 Changes within this window are coalesced into one ``update_capacities``
-message, never one per instance.
+message, never one per instance. The default keeps the parent's view of
+this cell's room under a second old (``benchmarks/scheduler.py`` measures
+it), which is what its burst scheduler decides on.
 
 Possible values:
 

@@ -86,7 +86,12 @@ def test_build_resent_with_a_new_message_uuid_is_dropped(cell, caplog):
     assert cell.agent.backend.creates[uuid] == 1
     assert [again.uuid in r.getMessage()
             for r in warnings_containing(caplog, "Dropped build")] == [True]
-    assert len(cell.parent.updates(uuid)) == updates_before
+    # The re-send is answered with where the instance stands, so a top
+    # that missed the acknowledgement stops re-sending.
+    wait_for(lambda: len(cell.parent.updates(uuid)) == updates_before + 1)
+    data, changes = cell.parent.updates(uuid)[-1]
+    assert data["vm_state"] == "active" and "vm_state" in changes
+    assert data["access_ip_v4"] and "info_cache" in changes
     assert cell.parent.row(uuid)["vm_state"] == "active"
 
 
