@@ -51,7 +51,7 @@ class Cloud:
         self.top_opts = top_opts or {}
         self.child_names = children
 
-    def start_child(self, name, **fake):
+    def start_child(self, name, driver="fake", **fake):
         from cellagent import service
         state = self.tmp / name
         state.mkdir(exist_ok=True)
@@ -64,7 +64,7 @@ class Cloud:
             (None, "state_path"): str(state), ("database", "connection"): "memory://",
             ("cells", "name"): name, ("cells", "cells_config"): str(cj),
             ("cells", "report_delay"): 0.05, ("cells", "report_interval"): 3600,
-            ("cells", "drain_timeout"): 2, ("backend", "driver"): "fake",
+            ("cells", "drain_timeout"): 2, ("backend", "driver"): driver,
             ("backend", "poll_interval"): 0.05}
         overrides.update({("fake", k): v for k, v in opts.items()})
         conf = _conf(overrides)
@@ -73,9 +73,9 @@ class Cloud:
         self.children[name] = agent
         return agent
 
-    def start(self, **fake_by_child):
+    def start(self, **opts_by_child):
         for name in self.child_names:
-            self.start_child(name, **fake_by_child.get(name, {}))
+            self.start_child(name, **opts_by_child.get(name, {}))
         self.start_top()
         return self
 
@@ -308,6 +308,23 @@ class TestDelivery:
                  what="the late copy deleted")
         assert c.server(row.uuid)["cell"] == "public"
         assert len(c.children["public"].backend.list_instances()) == 1
+
+    def test_a_cell_that_fails_builds_is_backed_off(self, cloud):
+        c = cloud().start(private={"driver": "fake-failing-spawn"})
+        c.reported("private", "public")
+        (first,) = c.manager.create_servers("f1", "m1.small", "cirros")
+        assert first.cell_name == "private"
+        c.wait_state(first.uuid, "error")
+        assert "refused on purpose" in c.server(first.uuid)["fault"]["message"]
+        wait_for(lambda: c.manager.backoff.failures("private") == 1)
+        # The private cell has room, but it is backed off: the next build
+        # goes public, and the cell list says until when.
+        (second,) = c.manager.create_servers("f2", "m1.small", "cirros")
+        assert second.cell_name == "public"
+        c.wait_state(second.uuid, "active")
+        cells = {d["name"]: d for d in c.manager.cell_dicts()}
+        assert cells["private"]["backoff_until"]
+        assert cells["public"]["backoff_until"] is None
 
     def test_delete_of_a_never_placed_server_goes_everywhere(self, cloud):
         c = cloud(children=("private",)).start()
