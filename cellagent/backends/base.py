@@ -116,6 +116,9 @@ class Backend(abc.ABC):
         "supports_pause": False,
         "supports_suspend": False,
         "supports_console_output": False,
+        "supports_resize": False,
+        "resize_needs_stop": False,      # the manager stops it first, starts it after
+        "supports_snapshot": False,
     }
 
     #: Provider state string -> InstanceState. Every state the provider can
@@ -241,6 +244,66 @@ class Backend(abc.ABC):
         (STARTING, or RUNNING). Starting a running instance is a no-op that
         returns its info. Raises as ``power_off`` does. May block.
         """
+
+    # -- optional operations (``capabilities`` say which exist) ------------
+
+    def _unsupported(self, what):
+        return exception.BackendError(backend=self.name,
+                                      reason="%s is not supported" % what)
+
+    def pause(self, ref):
+        """Pause the instance (``supports_pause``).
+
+        Returns the ``InstanceInfo`` once the provider accepted it. The
+        settled state is PAUSED, or STOPPED on a provider without a pause
+        (EC2 carries pause out as a stop, or a hibernate where enabled; the
+        backend documents its mapping). The manager reports ``paused`` once
+        either is reached. Raises as ``power_off`` does. The default raises
+        a non-retryable ``BackendError``.
+        """
+        raise self._unsupported("pause")
+
+    def unpause(self, ref):
+        """Undo ``pause``; settles RUNNING. Raises as ``power_on`` does."""
+        raise self._unsupported("unpause")
+
+    def suspend(self, ref):
+        """Suspend the instance (``supports_suspend``): as ``pause``, settled
+        SUSPENDED or STOPPED."""
+        raise self._unsupported("suspend")
+
+    def resume(self, ref):
+        """Undo ``suspend``; settles RUNNING."""
+        raise self._unsupported("resume")
+
+    def resize(self, ref, flavor):
+        """Change the instance to ``flavor`` (a ``Flavor``), ``supports_resize``.
+
+        With ``resize_needs_stop`` the manager calls this only on a STOPPED
+        instance (it stops it first and starts it again after, or on
+        failure, so a resize never leaves an instance stopped that was
+        running); otherwise on a running one. Returns the ``InstanceInfo``
+        once the provider accepted the change. Raises
+        ``InsufficientCapacity`` when the new size does not fit (the
+        instance keeps its old size), ``InstanceNotFound``, ``BackendError``
+        otherwise. A revert is a resize back to the old flavor.
+        """
+        raise self._unsupported("resize")
+
+    def snapshot(self, ref, name):
+        """Start an image of the instance's disk (``supports_snapshot``).
+
+        Returns the provider's image id as soon as the provider accepted
+        the request; the image may still be in progress. Raises
+        ``InstanceNotFound``, ``BackendUnavailable`` on transient trouble,
+        ``BackendError`` otherwise.
+        """
+        raise self._unsupported("snapshot")
+
+    def image_status(self, image_id):
+        """``"pending"``, ``"available"`` or ``"failed"`` for an image
+        ``snapshot`` returned; the manager polls it until not pending."""
+        raise self._unsupported("snapshot")
 
     # -- queries -----------------------------------------------------------
 
