@@ -42,11 +42,17 @@ API_IGNORED = frozenset({"vm_state", "task_state", "metadata", "system_metadata"
                          "id", "cell_name", "info_cache", "flavor"})
 # Stock child methods this agent knows but no backend supports yet.
 UNSUPPORTED = frozenset({
-    "suspend_instance", "resume_instance", "pause_instance", "unpause_instance",
-    "resize_instance", "live_migrate_instance", "revert_resize", "confirm_resize",
-    "reset_network", "inject_network_info", "snapshot_instance", "backup_instance",
-    "rebuild_instance", "set_admin_password",
+    "live_migrate_instance", "reset_network", "inject_network_info", "backup_instance",
+    "set_admin_password",
 })
+# Methods that need a backend capability; without it they get a fault, as
+# UNSUPPORTED ones do.
+NEEDS_CAPABILITY = {
+    "pause_instance": "supports_pause", "unpause_instance": "supports_pause",
+    "suspend_instance": "supports_suspend", "resume_instance": "supports_suspend",
+    "resize_instance": "supports_resize", "revert_resize": "supports_resize",
+    "snapshot_instance": "supports_snapshot",
+}
 # Fields a Stein top resets before saving an update from a child (3.5).
 TOP_RESETS = frozenset({"id", "security_groups", "volumes", "cell_name", "name",
                         "metadata"})
@@ -178,6 +184,15 @@ class CellManager:
             "stop_instance": (self.stop_instance, True),
             "start_instance": (self.start_instance, True),
             "instance_update_from_api": (self.instance_update_from_api, True),
+            "pause_instance": (self.pause_instance, True),
+            "unpause_instance": (self.unpause_instance, True),
+            "suspend_instance": (self.suspend_instance, True),
+            "resume_instance": (self.resume_instance, True),
+            "resize_instance": (self.resize_instance, True),
+            "confirm_resize": (self.confirm_resize, True),
+            "revert_resize": (self.revert_resize, True),
+            "rebuild_instance": (self.rebuild_instance, True),
+            "snapshot_instance": (self.snapshot_instance, True),
             "run_compute_api_method": (self.run_compute_api_method, False),
             "announce_capabilities": (self.announce_capabilities, False),
             "announce_capacities": (self.announce_capacities, False),
@@ -210,6 +225,9 @@ class CellManager:
         method, journaled = entry
         if not isinstance(msg.method_kwargs, dict):
             raise exception.MalformedMessage(reason="method_kwargs is not an object")
+        needed = NEEDS_CAPABILITY.get(msg.method_name)
+        if needed and not self.backend.capabilities.get(needed):
+            return self._unsupported(msg)
         if not journaled:
             return method(msg, None)
         instance_uuid = self._journal_instance(msg)
@@ -696,7 +714,25 @@ class CellManager:
         "soft_delete": (TaskState.SOFT_DELETING, "power_off", InstanceState.STOPPED,
                         VmState.SOFT_DELETED),
         "restore": (TaskState.POWERING_ON, "power_on", InstanceState.RUNNING, None),
+        # A provider without a pause or suspend (EC2) stops the instance: the
+        # settled state may be STOPPED, and Nova still sees it paused.
+        "pause": (TaskState.PAUSING, "pause",
+                  frozenset({InstanceState.PAUSED, InstanceState.STOPPED}), VmState.PAUSED),
+        "unpause": (TaskState.UNPAUSING, "unpause", InstanceState.RUNNING, None),
+        "suspend": (TaskState.SUSPENDING, "suspend",
+                    frozenset({InstanceState.SUSPENDED, InstanceState.STOPPED}),
+                    VmState.SUSPENDED),
+        "resume": (TaskState.RESUMING, "resume", InstanceState.RUNNING, None),
     }
+    # Ops that need a running instance, and those that undo a vm_state.
+    _NEEDS_RUNNING = frozenset({"reboot_soft", "reboot_hard", "stop", "soft_delete",
+                                "pause", "suspend"})
+    _UNDOES = {"unpause": VmState.PAUSED, "resume": VmState.SUSPENDED}
+
+    @classmethod
+    def _targets(cls, op):
+        target = cls._POWER_OPS[op][2]
+        return target if isinstance(target, frozenset) else frozenset({target})
 
     def reboot_instance(self, msg, job):
         uuid = _instance_uuid(msg.method_kwargs.get("instance"))
@@ -713,6 +749,22 @@ class CellManager:
         uuid = _instance_uuid(msg.method_kwargs.get("instance"))
         self._power_op(self._get_live(uuid, msg.ctxt), msg, job, "start")
 
+    def pause_instance(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        self._power_op(self._get_live(uuid, msg.ctxt), msg, job, "pause")
+
+    def unpause_instance(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        self._power_op(self._get_live(uuid, msg.ctxt), msg, job, "unpause")
+
+    def suspend_instance(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        self._power_op(self._get_live(uuid, msg.ctxt), msg, job, "suspend")
+
+    def resume_instance(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        self._power_op(self._get_live(uuid, msg.ctxt), msg, job, "resume")
+
     def soft_delete_instance(self, msg, job):
         uuid = _instance_uuid(msg.method_kwargs.get("instance"))
         self._power_op(self._get_live(uuid, msg.ctxt), msg, job, "soft_delete")
@@ -727,8 +779,10 @@ class CellManager:
         if rec is None or rec.deleted:
             done(error="instance %s is gone" % uuid)
             return None
-        task_state, call, target = self._POWER_OPS[op][:3]
-        if op in ("reboot_soft", "reboot_hard", "stop", "soft_delete") and \
+        task_state, call = self._POWER_OPS[op][:2]
+        if op in self._UNDOES and rec.vm_state != self._UNDOES[op]:
+            return self._invalid_state(rec, op, done, ctxt)
+        if op in self._NEEDS_RUNNING and \
                 rec.state != InstanceState.RUNNING and not (
                     op == "reboot_hard" and rec.state in (InstanceState.ERROR,
                                                           InstanceState.STOPPED)):
@@ -753,7 +807,7 @@ class CellManager:
         if info.state.is_transitional:
             return Transition(self._ref(rec),
                               lambda i: self._power_settled(rec, op, i, done, ctxt),
-                              frozenset({target}), self.transition_timeout)
+                              self._targets(op), self.transition_timeout)
         return self._power_settled(rec, op, info, done, ctxt)
 
     def _power_settled(self, rec, op, info, done, ctxt):
@@ -765,8 +819,7 @@ class CellManager:
                                    % self.transition_timeout, done, ctxt)
         if info.state == InstanceState.DELETED:
             return self._vanished(rec, done, ctxt)
-        target = self._POWER_OPS[op][2]
-        if info.state != target:
+        if info.state not in self._targets(op):
             return self._op_failed(rec, op, info.fault or "%s ended in %s" % (
                 op, info.state.value), done, ctxt)
         rec.state = info.state
@@ -774,6 +827,9 @@ class CellManager:
         vm_override = self._POWER_OPS[op][3]
         if vm_override:
             fields["vm_state"] = vm_override
+            fields["power_state"] = {VmState.PAUSED: PowerState.PAUSED,
+                                     VmState.SUSPENDED: PowerState.SUSPENDED}.get(
+                vm_override, fields["power_state"])
         futures = self._report(rec, sorted(fields), ctxt, **fields)
         self.store.update_instance(rec.instance_uuid, state=info.state)
         self._changed()
@@ -818,6 +874,332 @@ class CellManager:
             self._report(rec, ["task_state"], msg.ctxt, task_state=None)
         raise exception.UnknownMethod(reason, message_type=msg.message_type,
                                       method_name=msg.method_name)
+
+    # -- resize, rebuild, snapshot ---------------------------------------------
+
+    def _requested_flavor(self, value):
+        """The flavor a resize asks for: Stein sends a flat dict of which only
+        ``flavorid`` is used; the catalog (``[cells] flavors`` and flavors seen
+        in builds) gives its sizes. A primitive or a dict with sizes works too."""
+        if intercell.is_obj_primitive(value):
+            value, _ = intercell.obj_data(value, "Flavor")
+        if not isinstance(value, dict):
+            raise exception.MalformedMessage(reason="flavor is not an object")
+        wanted = {str(value[k]) for k in ("flavorid", "name") if value.get(k)}
+        for flavor in (self.flavors.all() if self.flavors is not None else []):
+            if wanted & {flavor.flavorid, flavor.name}:
+                return flavor
+        try:
+            flavor = Flavor.from_primitive_data(value)
+        except (TypeError, ValueError) as e:
+            raise exception.MalformedMessage(reason="flavor: %s" % e)
+        if flavor.memory_mb <= 0:
+            raise exception.MalformedMessage(
+                reason="unknown flavor %s" % (", ".join(sorted(wanted)) or "?"))
+        return flavor
+
+    @staticmethod
+    def _flavor_fields(flavor):
+        return {"memory_mb": flavor.memory_mb, "vcpus": flavor.vcpus,
+                "root_gb": flavor.root_gb, "ephemeral_gb": flavor.ephemeral_gb,
+                "flavor": intercell.obj_primitive("Flavor", {
+                    "flavorid": flavor.flavorid or flavor.name, "name": flavor.name,
+                    "memory_mb": flavor.memory_mb, "vcpus": flavor.vcpus,
+                    "root_gb": flavor.root_gb, "ephemeral_gb": flavor.ephemeral_gb,
+                    "swap": flavor.swap, "extra_specs": dict(flavor.extra_specs)})}
+
+    def resize_instance(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        rec = self._get_live(uuid, msg.ctxt)
+        flavor = self._requested_flavor(msg.method_kwargs.get("flavor"))
+        done = job.part()
+        self.work.submit(rec.instance_uuid, lambda: self._run_resize(
+            uuid, flavor, done, msg.ctxt, revert=False))
+
+    def revert_resize(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        rec = self._get_live(uuid, msg.ctxt)
+        done = job.part()
+        old = rec.instance.get("cellagent_old_flavor")
+        if rec.vm_state != VmState.RESIZED or not old:
+            self.work.submit(uuid, lambda: self._invalid_state(rec, "revert_resize", done,
+                                                               msg.ctxt))
+            return
+        flavor = Flavor(**{k: v for k, v in old.items() if k in Flavor.__dataclass_fields__})
+        self.work.submit(uuid, lambda: self._run_resize(uuid, flavor, done, msg.ctxt,
+                                                        revert=True))
+
+    def confirm_resize(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        rec = self._get_live(uuid, msg.ctxt)
+        done = job.part()
+
+        def confirm():
+            fresh = self.store.get_instance(uuid)
+            if fresh.vm_state != VmState.RESIZED:
+                return self._invalid_state(fresh, "confirm_resize", done, msg.ctxt)
+            fresh.instance.pop("cellagent_old_flavor", None)
+            self.store.update_instance(uuid, instance=fresh.instance)
+            vm_state = VmState.STOPPED if fresh.state == InstanceState.STOPPED \
+                else VmState.ACTIVE
+            futures = self._report(fresh, ["task_state", "vm_state"], msg.ctxt,
+                                   vm_state=vm_state, task_state=None)
+            self._after_confirm(futures, done)
+            return None
+        self.work.submit(rec.instance_uuid, confirm)
+
+    def _run_resize(self, uuid, flavor, done, ctxt, revert):
+        rec = self.store.get_instance(uuid)
+        if rec is None or rec.deleted:
+            done(error="instance %s is gone" % uuid)
+            return None
+        op = "revert_resize" if revert else "resize"
+        if rec.state not in (InstanceState.RUNNING, InstanceState.STOPPED):
+            return self._invalid_state(rec, op, done, ctxt)
+        was_running = rec.state == InstanceState.RUNNING
+        self._report(rec, ["task_state"], ctxt, task_state=(
+            TaskState.RESIZE_REVERTING if revert else TaskState.RESIZE_PREP))
+        step = _ResizeStep(rec, flavor, was_running, revert, done, ctxt)
+        if was_running and self.backend.capabilities.get("resize_needs_stop"):
+            try:
+                info = self._call(rec, op, self.backend.power_off, self._ref(rec))
+            except exception.InstanceNotFound:
+                return self._vanished(rec, done, ctxt)
+            except exception.BackendError as e:
+                return self._resize_failed(step, "cannot stop it: %s" % e.message)
+            return self._then(rec, info, frozenset({InstanceState.STOPPED}),
+                              lambda i: self._resize_stopped(step, i))
+        return self._resize_stopped(step, None)
+
+    def _then(self, rec, info, targets, fn):
+        """``fn(info)`` now when settled, else once the poller sees it settle."""
+        if info.state.is_transitional:
+            return Transition(self._ref(rec), fn, targets, self.transition_timeout)
+        return fn(info)
+
+    def _resize_stopped(self, step, info):
+        rec = step.rec
+        if info is CANCELLED:
+            step.done()
+            return None
+        if info is not None and (info is TIMED_OUT or info.state != InstanceState.STOPPED):
+            return self._resize_failed(step, "it did not stop")
+        if not step.revert:
+            self._report(rec, ["task_state"], step.ctxt,
+                         task_state=TaskState.RESIZE_MIGRATING)
+        try:
+            info = self._call(rec, "resize", self.backend.resize, self._ref(rec), step.flavor)
+        except exception.InstanceNotFound:
+            return self._vanished(rec, step.done, step.ctxt)
+        except exception.BackendError as e:
+            return self._resize_failed(step, e.message)
+        old = rec.flavor
+        rec.flavor = step.flavor.to_dict()
+        if step.revert:
+            rec.instance.pop("cellagent_old_flavor", None)
+        else:
+            rec.instance["cellagent_old_flavor"] = old
+        self.store.update_instance(rec.instance_uuid, flavor=rec.flavor, instance=rec.instance)
+        self._changed()
+        if not step.revert:
+            self._report(rec, ["task_state"], step.ctxt, task_state=TaskState.RESIZE_MIGRATED)
+        if step.was_running and self.backend.capabilities.get("resize_needs_stop"):
+            self._report(rec, ["task_state"], step.ctxt, task_state=TaskState.RESIZE_FINISH)
+            try:
+                info = self._call(rec, "resize", self.backend.power_on, self._ref(rec))
+            except exception.BackendError as e:
+                return self._op_failed(rec, "resize", "resized but not started again: %s"
+                                       % e.message, step.done, step.ctxt)
+        return self._then(rec, info, frozenset({InstanceState.RUNNING, InstanceState.STOPPED}),
+                          lambda i: self._resized(step, i))
+
+    def _resized(self, step, info):
+        rec = step.rec
+        if info is CANCELLED:
+            step.done()
+            return None
+        if info is TIMED_OUT or info.state not in (InstanceState.RUNNING,
+                                                   InstanceState.STOPPED):
+            reason = ("did not settle within %d seconds" % self.transition_timeout
+                      if info is TIMED_OUT else "ended in %s" % info.state.value)
+            return self._op_failed(rec, "resize", reason, step.done, step.ctxt)
+        rec.state = info.state
+        fields = self._settled_fields(info)
+        if not step.revert:
+            fields["vm_state"] = VmState.RESIZED
+        fields.update(self._flavor_fields(step.flavor))
+        futures = self._report(rec, sorted(fields), step.ctxt, **fields)
+        self.store.update_instance(rec.instance_uuid, state=info.state)
+        LOG.info("[instance: %(uuid)s] %(what)s to %(flavor)s",
+                 {"uuid": rec.instance_uuid, "flavor": step.flavor.name,
+                  "what": "Resize reverted" if step.revert else "Resized"})
+        self._after_confirm(futures, step.done)
+        return None
+
+    def _resize_failed(self, step, why):
+        """Roll back: the instance keeps its size, and runs again if it ran."""
+        rec = step.rec
+        reason = "%s to %s failed: %s" % ("Revert" if step.revert else "Resize",
+                                          step.flavor.name, why)
+        LOG.error("[instance: %(uuid)s] %(reason)s", {"uuid": rec.instance_uuid,
+                                                      "reason": reason})
+        futures = self._fault(rec, reason, step.ctxt)
+        current = self.backend.get_info(self._ref(rec)) if step.was_running else None
+        if step.was_running and current is not None and \
+                current.state != InstanceState.RUNNING:
+            try:
+                info = self._call(rec, "resize", self.backend.power_on, self._ref(rec))
+            except exception.BackendError as e:
+                return self._op_failed(rec, "resize", "%s; and not started again: %s"
+                                       % (reason, e.message), step.done, step.ctxt)
+
+            def restarted(i):
+                if i is CANCELLED or i is TIMED_OUT or i.state != InstanceState.RUNNING:
+                    return self._op_failed(rec, "resize", reason + "; not running again",
+                                           step.done, step.ctxt)
+                return self._rolled_back(step, i, futures, reason)
+            return self._then(rec, info, frozenset({InstanceState.RUNNING}), restarted)
+        return self._rolled_back(step, current or self.backend.get_info(self._ref(rec)),
+                                 futures, reason)
+
+    def _rolled_back(self, step, info, futures, reason):
+        rec = step.rec
+        rec.state = info.state
+        fields = self._settled_fields(info)
+        if step.revert:
+            fields["vm_state"] = VmState.RESIZED
+        futures = list(futures) + self._report(rec, sorted(fields), step.ctxt, **fields)
+        self.store.update_instance(rec.instance_uuid, state=info.state)
+        self._after_confirm(futures, lambda abandon=False: step.done(error=reason,
+                                                                     abandon=abandon))
+        return None
+
+    def rebuild_instance(self, msg, job):
+        """A new launch generation of the instance: the backend replaces the
+        old provider instance (spawn with a new launch token)."""
+        kwargs = msg.method_kwargs
+        uuid = _instance_uuid(kwargs.get("instance"))
+        rec = self._get_live(uuid, msg.ctxt)
+        image = kwargs.get("image_href") or rec.image_ref
+        if not isinstance(image, str) or not image:
+            raise exception.MalformedMessage(reason="image_href is not a string")
+        done = job.part()
+        self.work.submit(rec.instance_uuid, lambda: self._run_rebuild(
+            uuid, image, kwargs, done, msg.ctxt))
+
+    def _run_rebuild(self, uuid, image, kwargs, done, ctxt):
+        rec = self.store.get_instance(uuid)
+        if rec is None or rec.deleted:
+            done(error="instance %s is gone" % uuid)
+            return None
+        if rec.state not in (InstanceState.RUNNING, InstanceState.STOPPED,
+                             InstanceState.ERROR):
+            return self._invalid_state(rec, "rebuild", done, ctxt)
+        generation = rec.generation + 1
+        rec.generation = generation
+        rec.launch_token = "%s-%d" % (uuid, generation)
+        rec.image_ref = image
+        self.store.update_instance(uuid, generation=generation, launch_token=rec.launch_token,
+                                   image_ref=image)
+        self._report(rec, ["task_state", "image_ref"], ctxt,
+                     task_state=TaskState.REBUILDING, image_ref=image)
+        flavor = Flavor(**{k: v for k, v in rec.flavor.items()
+                           if k in Flavor.__dataclass_fields__})
+        password = kwargs.get("admin_password")
+        request = self._build_request(
+            rec, rec.instance, {"admin_password": password}, flavor, {"id": image}, 0)
+        try:
+            info = self._call(rec, "rebuild", self.backend.spawn, request)
+        except exception.BackendError as e:
+            return self._op_failed(rec, "rebuild", e.message, done, ctxt)
+        rec.backend_id = info.backend_id
+        self.store.update_instance(uuid, backend_id=info.backend_id, state=info.state)
+        self._report(rec, ["task_state"], ctxt, task_state=TaskState.REBUILD_SPAWNING)
+
+        def rebuilt(i):
+            if i is CANCELLED:
+                done()
+                return None
+            if i is TIMED_OUT or i.state != InstanceState.RUNNING:
+                return self._op_failed(rec, "rebuild", "the new instance did not become "
+                                       "active" if i is TIMED_OUT else (
+                                           i.fault or "rebuild ended in %s" % i.state.value),
+                                       done, ctxt)
+            rec.state = InstanceState.RUNNING
+            addresses = [a.__dict__ if hasattr(a, "__dict__") else a for a in i.addresses]
+            rec.addresses = addresses
+            fields = self._settled_fields(i)
+            fields.update(self._network_fields(rec, addresses))
+            fields["launched_at"] = intercell.format_obj_datetime()
+            futures = self._report(rec, sorted(fields), ctxt, **fields)
+            self.store.update_instance(uuid, state=i.state, addresses=addresses)
+            LOG.info("[instance: %(uuid)s] Rebuilt (generation %(g)d)",
+                     {"uuid": uuid, "g": generation})
+            self._after_confirm(futures, done)
+            return None
+        return self._then(rec, info, frozenset({InstanceState.RUNNING}), rebuilt)
+
+    def snapshot_instance(self, msg, job):
+        uuid = _instance_uuid(msg.method_kwargs.get("instance"))
+        rec = self._get_live(uuid, msg.ctxt)
+        image_id = msg.method_kwargs.get("image_id")
+        if not isinstance(image_id, str) or not image_id:
+            raise exception.MalformedMessage(reason="image_id is not a string")
+        done = job.part()
+        self.work.submit(rec.instance_uuid, lambda: self._run_snapshot(
+            uuid, image_id, done, msg.ctxt))
+
+    def _run_snapshot(self, uuid, image_id, done, ctxt):
+        """Snapshot: the provider's image id is reported up in the instance's
+        ``system_metadata`` (``cellagent_snapshot:<image id>``), since this
+        cell cannot upload to the top's image service."""
+        rec = self.store.get_instance(uuid)
+        if rec is None or rec.deleted:
+            done(error="instance %s is gone" % uuid)
+            return None
+        self._report(rec, ["task_state"], ctxt, task_state=TaskState.IMAGE_SNAPSHOT)
+        try:
+            provider_image = self._call(rec, "snapshot", self.backend.snapshot,
+                                        self._ref(rec), "%s-%s" % (rec.instance_uuid, image_id))
+        except exception.InstanceNotFound:
+            return self._vanished(rec, done, ctxt)
+        except exception.BackendError as e:
+            return self._snapshot_done(rec, image_id, None, e.message, done, ctxt)
+        self._report(rec, ["task_state"], ctxt, task_state=TaskState.IMAGE_UPLOADING)
+        deadline = time.monotonic() + self.transition_timeout
+        status = "pending"
+        while status == "pending" and time.monotonic() < deadline:
+            try:
+                status = self.backend.image_status(provider_image)
+            except exception.BackendError as e:
+                if not e.retryable:
+                    return self._snapshot_done(rec, image_id, provider_image, e.message,
+                                               done, ctxt)
+            if status == "pending":
+                time.sleep(min(1.0, max(0.05, self.retry_delay)))
+        error = None if status == "available" else (
+            "image %s is %s" % (provider_image, status) if status != "pending" else
+            "image %s not available within %d seconds" % (provider_image,
+                                                          self.transition_timeout))
+        return self._snapshot_done(rec, image_id, provider_image, error, done, ctxt)
+
+    def _snapshot_done(self, rec, image_id, provider_image, error, done, ctxt):
+        futures = []
+        fields = {"task_state": None}
+        if error is None:
+            meta = dict(rec.instance.get("system_metadata") or {})
+            meta["cellagent_snapshot:%s" % image_id] = provider_image
+            fields["system_metadata"] = meta
+            LOG.info("[instance: %(uuid)s] Snapshot %(image)s is provider image %(p)s",
+                     {"uuid": rec.instance_uuid, "image": image_id, "p": provider_image})
+        else:
+            LOG.error("[instance: %(uuid)s] Snapshot failed: %(err)s",
+                      {"uuid": rec.instance_uuid, "err": error})
+            futures += self._fault(rec, "Snapshot failed: %s" % error, ctxt)
+        futures += self._report(rec, sorted(fields), ctxt, **fields)
+        self._after_confirm(futures, lambda abandon=False: done(error=error, abandon=abandon))
+        return None
+
 
     # -- updates from the API ------------------------------------------------
 
@@ -989,3 +1371,14 @@ def _parse_iso(text):
             continue
     raise exception.MalformedMessage(reason="updated_since %r is not an ISO time" % text)
 
+
+class _ResizeStep:
+    """What one resize (or revert) carries from step to step."""
+
+    def __init__(self, rec, flavor, was_running, revert, done, ctxt):
+        self.rec = rec
+        self.flavor = flavor
+        self.was_running = was_running
+        self.revert = revert
+        self.done = done
+        self.ctxt = ctxt

@@ -49,6 +49,7 @@ class VmState:
     PAUSED = "paused"
     SUSPENDED = "suspended"
     STOPPED = "stopped"
+    RESIZED = "resized"
     SOFT_DELETED = "soft-delete"
     DELETED = "deleted"
     ERROR = "error"
@@ -65,6 +66,20 @@ class TaskState:
     POWERING_ON = "powering-on"
     SOFT_DELETING = "soft-deleting"
     DELETING = "deleting"
+    PAUSING = "pausing"
+    UNPAUSING = "unpausing"
+    SUSPENDING = "suspending"
+    RESUMING = "resuming"
+    RESIZE_PREP = "resize_prep"
+    RESIZE_MIGRATING = "resize_migrating"
+    RESIZE_MIGRATED = "resize_migrated"
+    RESIZE_FINISH = "resize_finish"
+    RESIZE_REVERTING = "resize_reverting"
+    REBUILDING = "rebuilding"
+    REBUILD_SPAWNING = "rebuild_spawning"
+    IMAGE_SNAPSHOT = "image_snapshot"
+    IMAGE_PENDING_UPLOAD = "image_pending_upload"
+    IMAGE_UPLOADING = "image_uploading"
 
 
 class PowerState:

@@ -279,6 +279,13 @@ class TopManager:
                 fields[_FIELD_MAP[key]] = data[key]
             elif key == "launched_at":
                 fields["launched_at"] = _parse_time(data.get(key))
+            elif key == "flavor" and intercell.is_obj_primitive(data.get(key)):
+                try:
+                    fdata, _ = intercell.obj_data(data[key], "Flavor")
+                except exception.MessageError:
+                    continue
+                fields["flavor"] = {k: fdata.get(k) for k in (
+                    "name", "memory_mb", "vcpus", "root_gb", "ephemeral_gb", "flavorid")}
             elif key == "info_cache" and data.get(key) is not None:
                 addresses = addresses_from_info_cache(data[key])
                 if addresses is not None:

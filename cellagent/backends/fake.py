@@ -69,9 +69,12 @@ class FakeBackend(base.Backend):
     name = "fake"
     capabilities = {
         "supports_soft_reboot": True,
-        "supports_pause": False,
-        "supports_suspend": False,
+        "supports_pause": True,
+        "supports_suspend": True,
         "supports_console_output": True,
+        "supports_resize": True,
+        "resize_needs_stop": False,
+        "supports_snapshot": True,
     }
     STATE_MAP = {
         "building": InstanceState.PENDING,
@@ -83,6 +86,12 @@ class FakeBackend(base.Backend):
         "starting": InstanceState.STARTING,
         "deleting": InstanceState.DELETING,
         "error": InstanceState.ERROR,
+        "pausing": InstanceState.STOPPING,
+        "paused": InstanceState.PAUSED,
+        "suspending": InstanceState.STOPPING,
+        "suspended": InstanceState.SUSPENDED,
+        "resuming": InstanceState.STARTING,
+        "resizing": InstanceState.PENDING,
     }
 
     #: (status after the spawn delay, fault). None: never leaves "building".
@@ -104,6 +113,7 @@ class FakeBackend(base.Backend):
         self._pending = set()       # backend ids with a scheduled transition
         self._used = collections.Counter()   # ram_mb, disk_mb, vcpus, instances
         self._ips = set()
+        self._images = {}           # snapshot image id -> {name, instance_uuid, ready_at}
         self._dirty = False
 
     # -- life cycle -------------------------------------------------------
@@ -182,6 +192,54 @@ class FakeBackend(base.Backend):
                 self._require(rec, "power on", ("shutoff",))
                 self._begin(rec, "starting", "active", self._opts.start_delay)
             return self._to_info(rec)
+
+    def pause(self, ref):
+        return self._toggle(ref, "pause", ("active",), "pausing", "paused")
+
+    def unpause(self, ref):
+        return self._toggle(ref, "unpause", ("paused",), "resuming", "active")
+
+    def suspend(self, ref):
+        return self._toggle(ref, "suspend", ("active",), "suspending", "suspended")
+
+    def resume(self, ref):
+        return self._toggle(ref, "resume", ("suspended",), "resuming", "active")
+
+    def _toggle(self, ref, op, allowed, during, final):
+        with self._op(op):
+            rec = self._lookup(ref)
+            if rec["status"] != final:
+                self._require(rec, op, allowed)
+                self._begin(rec, during, final, self._opts.stop_delay)
+            return self._to_info(rec)
+
+    def resize(self, ref, flavor):
+        """Resize in place (running or stopped); the room is checked first."""
+        with self._op("resize"):
+            rec = self._lookup(ref)
+            self._require(rec, "resize", ("active", "shutoff"))
+            self._check_room(flavor, freeing=rec)
+            self._used.subtract(self._usage(rec))
+            rec.update(flavor=flavor.name, ram_mb=flavor.memory_mb, disk_mb=flavor.disk_mb,
+                       vcpus=flavor.vcpus)
+            self._used.update(self._usage(rec))
+            self._begin(rec, "resizing", rec["status"], self._opts.reboot_delay)
+            return self._to_info(rec)
+
+    def snapshot(self, ref, name):
+        with self._op("snapshot"):
+            rec = self._lookup(ref)
+            image = "fake-img-%s" % uuidlib.uuid4().hex[:8]
+            self._images[image] = {"name": name, "instance_uuid": rec["instance_uuid"],
+                                   "ready_at": self.clock() + self._opts.reboot_delay}
+            return image
+
+    def image_status(self, image_id):
+        with self._op("image_status"):
+            image = self._images.get(image_id)
+            if image is None:
+                return "failed"
+            return "available" if self.clock() >= image["ready_at"] else "pending"
 
     # -- queries -----------------------------------------------------------
 

@@ -198,7 +198,9 @@ def test_stock_method_the_cell_does_not_support_fails_and_clears_task_state(cell
     [uuid] = cell.build(1)
     before = cell.task_states(uuid)
 
-    info = failure_of(cell.call("pause_instance", {"instance": instance_prim(uuid)}))
+    info = failure_of(cell.call("live_migrate_instance", {
+        "instance": instance_prim(uuid), "block_migration": False,
+        "disk_over_commit": False, "host_name": None}))
 
     assert info["class"] == "UnknownMethod"
     assert "not supported" in info["message"]
