@@ -17,6 +17,7 @@ import time
 from cellagent import backends
 from cellagent import exception
 from cellagent import manager as manager_mod
+from cellagent import reconciler as reconciler_mod
 from cellagent import reporter as reporter_mod
 from cellagent import state
 from cellagent import workqueue
@@ -71,6 +72,7 @@ class AgentService:
         self._stop_requested = threading.Event()
         self._stopped = False
         self.servers = []
+        self.reconciler = None
 
     def start(self):
         conf = self.conf
@@ -118,6 +120,10 @@ class AgentService:
                  {"name": cells.name, "url": transport_mod.mask_url(url),
                   "base": cells.rpc_driver_queue_base})
         self.reporter.start()
+        self.reconciler = reconciler_mod.Reconciler(
+            self.manager, conf.backend.reconcile_interval, conf.backend.orphan_grace,
+            conf.backend.orphan_action, conf.backend.vanished_action)
+        self.reconciler.start()
         sd_notify("READY=1")
 
     def request_stop(self, *_args):
@@ -142,6 +148,8 @@ class AgentService:
         if left:
             LOG.warning("%d instances still had work in flight; the journal replays it "
                         "at the next start", left)
+        if self.reconciler is not None:
+            self.reconciler.stop()
         self.reporter.stop()
         self.poller.stop()
         self.transports.close()

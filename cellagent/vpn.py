@@ -582,23 +582,27 @@ def write_config(directory, ipsec_conf, ipsec_secrets):
     over the old one, so a reader never sees half a file and the secrets
     are never readable by others, even for a moment. Returns the paths.
     """
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     paths = []
-    for filename, text in (("ipsec.conf", ipsec_conf), ("ipsec.secrets", ipsec_secrets)):
-        path = os.path.join(directory, filename)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % filename)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        paths.append(path)
+    path = directory
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for filename, text in (("ipsec.conf", ipsec_conf), ("ipsec.secrets", ipsec_secrets)):
+            path = os.path.join(directory, filename)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % filename)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            paths.append(path)
+    except OSError as e:
+        raise exception.CellAgentError("cannot write %s: %s" % (path, e.strerror or e))
     return paths
 
 

@@ -74,6 +74,11 @@ class WorkQueue:
         elif preempt and self.poller is not None:
             self.poller.cancel(key)
 
+    def is_busy(self, key):
+        """True while work for ``key`` is queued, running or waiting on the provider."""
+        with self._lock:
+            return key in self._queues
+
     def busy(self):
         with self._lock:
             return len(self._queues)

@@ -15,6 +15,11 @@ Examples::
     cellagent-manage --config-file ... cell update aws-east --disable
     cellagent-manage --config-file ... cell list | show <name> | delete <name>
 
+    cellagent-manage --config-file ... vpn create onprem --vpc-id vpc-0abc \\
+        --customer-ip 198.51.100.7 --private-cidr 10.0.0.0/16 \\
+        [--remote-cidr 172.31.0.0/16] [--output-dir /etc/cellagent/vpn]
+    cellagent-manage --config-file ... vpn show onprem | delete onprem
+
 ``db sync`` creates or upgrades both the child agent's tables and the top
 cell's (``top_*``) in ``[database] connection``; a database serves one kind
 of process, and the other set of tables stays empty. ``journal replay``
@@ -23,6 +28,12 @@ its next start. ``capacity show`` prints the cells v1 capacities this cell
 reports, computed from the backend now. ``cell`` edits the top cell's cell
 records (the top reads them beside its ``cells_config`` file); ``update``
 changes only the options given.
+
+``vpn`` provisions the EC2 site-to-site VPN from the private cloud into the
+VPC and renders strongSwan's ``ipsec.conf`` and ``ipsec.secrets`` for the
+private side (``cellagent/vpn.py``, ``docs/vpn.md``). The EC2 client comes
+from ``--region`` / ``--endpoint-url``, then the ``[ec2]`` group when it is
+registered, then boto3's own chain (environment, profile, instance role).
 """
 
 import json
@@ -64,6 +75,7 @@ def _add_commands(subparsers):
                          ("delete", "remove a cell record and its report")):
         cell_sub.add_parser(action, help=text).add_argument(
             "cell_name", metavar="NAME", help="the cell's name")
+    _add_vpn_commands(subparsers)
 
 
 # NOTE: every dest starts with "cell_": oslo.config refuses a sub-command
@@ -101,6 +113,38 @@ def _add_cell_options(parser, create):
                          help="schedule builds to the cell again")
 
 
+# NOTE: every dest starts with "vpn_", for the reason given above; [ec2]
+# has options named region and endpoint_url.
+def _add_vpn_commands(subparsers):
+    vpn = subparsers.add_parser("vpn", help="the site-to-site VPN into the EC2 VPC")
+    vpn_sub = vpn.add_subparsers(dest="action")
+    vpn_sub.required = True
+    for action, text in (("create", "make what is missing; render the strongSwan config"),
+                         ("show", "the EC2 objects, their states and the tunnels"),
+                         ("delete", "remove every EC2 object of the VPN")):
+        parser = vpn_sub.add_parser(action, help=text)
+        parser.add_argument("vpn_name", metavar="NAME", help="the VPN's name (its tag)")
+        if action == "create":
+            parser.add_argument("--vpc-id", dest="vpn_vpc_id", metavar="VPC",
+                                help="the VPC to attach the VPN gateway to; required")
+            parser.add_argument("--customer-ip", dest="vpn_customer_ip", metavar="IP",
+                                help="public IPv4 of the private side's gateway; required")
+            parser.add_argument("--private-cidr", dest="vpn_private_cidrs",
+                                action="append", metavar="CIDR",
+                                help="a private-side network (repeatable); required")
+            parser.add_argument("--remote-cidr", dest="vpn_remote_cidrs", action="append",
+                                metavar="CIDR",
+                                help="an EC2-side network (repeatable); default: the VPC's")
+            parser.add_argument("--bgp-asn", dest="vpn_bgp_asn", type=int, default=65000,
+                                metavar="ASN", help="the customer gateway's ASN")
+            parser.add_argument("--output-dir", dest="vpn_output_dir", metavar="DIR",
+                                help="write ipsec.conf and ipsec.secrets here (mode 0600)")
+        parser.add_argument("--region", dest="vpn_region",
+                            help="AWS region; default [ec2] region, then boto3's")
+        parser.add_argument("--endpoint-url", dest="vpn_endpoint_url", metavar="URL",
+                            help="EC2 endpoint; default [ec2] endpoint_url, then AWS")
+
+
 def _fmt(entry):
     return "%6s  %-36s  %-26s  %-36s  %-8s  %d  %s" % (
         entry.id, entry.msg_uuid, entry.method, entry.instance_uuid or "-",
@@ -133,6 +177,8 @@ def main(argv=None):
             return _capacity(conf)
         if cmd == "cell":
             return _cell(conf, action)
+        if cmd == "vpn":
+            return _vpn(conf, action)
     except exception.CellAgentError as e:
         print("cellagent-manage: %s" % e.message, file=sys.stderr)
         return 1
@@ -355,6 +401,93 @@ def _capacity(conf):
     finally:
         backend.stop()
     print(json.dumps(payload, indent=2, sort_keys=True))
+    return 0
+
+
+# [ec2] option names this command reads, first match wins; cellagent/conf
+# owns the group, and only the names it registers are read.
+_EC2_SETTINGS = {"region": ("region", "region_name"),
+                 "endpoint_url": ("endpoint_url",),
+                 "profile": ("profile", "profile_name"),
+                 "access_key": ("access_key_id", "aws_access_key_id", "access_key"),
+                 "secret_key": ("secret_access_key", "aws_secret_access_key", "secret_key"),
+                 "session_token": ("session_token", "aws_session_token")}
+
+
+def _ec2_settings(conf):
+    from oslo_config import cfg
+    if "ec2" not in conf:
+        return {}
+    settings = {}
+    for key, names in _EC2_SETTINGS.items():
+        for name in names:
+            try:
+                value = getattr(conf.ec2, name)
+            except (cfg.NoSuchOptError, AttributeError):
+                continue
+            if value:
+                settings[key] = value
+            break
+    return settings
+
+
+def _ec2_client(conf, args):
+    """A boto3 EC2 client: command line, then [ec2], then boto3's chain."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    from cellagent import exception
+    settings = _ec2_settings(conf)
+    try:
+        session = boto3.session.Session(
+            profile_name=settings.get("profile"),
+            region_name=args.vpn_region or settings.get("region"),
+            aws_access_key_id=settings.get("access_key"),
+            aws_secret_access_key=settings.get("secret_key"),
+            aws_session_token=settings.get("session_token"))
+        return session.client(
+            "ec2", endpoint_url=args.vpn_endpoint_url or settings.get("endpoint_url"),
+            config=botocore.config.Config(retries={"mode": "standard"}))
+    except botocore.exceptions.NoRegionError:
+        raise exception.ConfigurationError(
+            reason="no AWS region: give --region, set [ec2] region or AWS_DEFAULT_REGION")
+    except (botocore.exceptions.BotoCoreError, ValueError) as e:
+        raise exception.ConfigurationError(reason="cannot build the EC2 client: %s" % e)
+
+
+def _vpn(conf, action):
+    import logging
+
+    from cellagent import vpn
+    # NOTE: botocore logs whole responses at DEBUG, and DescribeVpnConnections
+    # carries the pre-shared keys; keep it at INFO even under [DEFAULT] debug.
+    botocore_log = logging.getLogger("botocore")
+    if botocore_log.getEffectiveLevel() < logging.INFO:
+        botocore_log.setLevel(logging.INFO)
+    args = conf.command
+    ec2 = _ec2_client(conf, args)
+    if action == "create":
+        provisioner = vpn.VpnProvisioner(
+            ec2, args.vpn_name, vpc_id=args.vpn_vpc_id, customer_ip=args.vpn_customer_ip,
+            private_cidrs=args.vpn_private_cidrs or (), remote_cidrs=args.vpn_remote_cidrs,
+            bgp_asn=args.vpn_bgp_asn)
+        state = provisioner.create()
+        print("\n".join(vpn.describe(state)))
+        if args.vpn_output_dir:
+            ipsec_conf, ipsec_secrets = provisioner.render(state)
+            for path in vpn.write_config(args.vpn_output_dir, ipsec_conf, ipsec_secrets):
+                print("wrote %s" % path)
+        else:
+            print("give --output-dir DIR to write ipsec.conf and ipsec.secrets")
+        return 0
+    provisioner = vpn.VpnProvisioner(ec2, args.vpn_name)
+    if action == "show":
+        print("\n".join(vpn.describe(provisioner.show())))
+        return 0
+    done = provisioner.delete()
+    for line in done or ["nothing to delete"]:
+        print("vpn %s: %s" % (args.vpn_name, line))
     return 0
 
 

@@ -151,6 +151,47 @@ Related options:
 
 * ``operation_retries``
 """),
+    cfg.FloatOpt(
+        "reconcile_interval",
+        default=60.0,
+        min=0.0,
+        help="""
+Seconds between two comparisons of the provider with this cell's records.
+
+Also done once at start, after the journal replay. Instances the provider
+has that this cell owns but has no record of are *orphans*; records whose
+instance is gone from the provider are *vanished*; settled instances whose
+provider state differs from the record (stopped out of band, for example)
+have *drifted*, and are reported up together in one pass. 0 disables it.
+
+Related options:
+
+* ``orphan_grace``, ``orphan_action``, ``vanished_action``
+"""),
+    cfg.FloatOpt(
+        "orphan_grace",
+        default=300.0,
+        min=0.0,
+        help="""
+Seconds an orphan must stay an orphan before ``orphan_action`` applies.
+
+The grace covers a launch whose record is still being written.
+"""),
+    cfg.StrOpt(
+        "orphan_action",
+        default="terminate",
+        choices=[("terminate", "delete it at the provider: it costs money and "
+                               "nobody manages it"),
+                 ("adopt", "keep it, record it and report it to the top as a server "
+                           "of this cell"),
+                 ("ignore", "only log it")],
+        help="What to do with an orphan after ``orphan_grace``."),
+    cfg.StrOpt(
+        "vanished_action",
+        default="destroy",
+        choices=[("destroy", "report instance_destroy_at_top: the server is gone"),
+                 ("error", "keep the record and set the server to ERROR with a fault")],
+        help="What to do with a record whose instance the provider no longer has."),
 ]
 
 fake_group = cfg.OptGroup("fake", title="Fake backend options", help="""
