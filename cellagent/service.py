@@ -47,6 +47,18 @@ def sd_notify(state_line):
         return False
 
 
+def stop_servers(servers):
+    """Stop RPC servers: stop all, then wait for them in parallel (each
+    oslo.messaging ``wait`` can take a second or more on its own)."""
+    for server in servers:
+        server.stop()
+    waiters = [threading.Thread(target=server.wait, name="stop-server") for server in servers]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+
+
 def open_store(conf):
     """The state store, with its schema created on first use."""
     url = database.connection_url(conf)
@@ -140,10 +152,7 @@ class AgentService:
         self._stopped = True
         sd_notify("STOPPING=1")
         LOG.info("Stopping: no new messages, draining in-flight work")
-        for server in self.servers:
-            server.stop()
-        for server in self.servers:
-            server.wait()
+        stop_servers(self.servers)
         left = self.work.drain(self.conf.cells.drain_timeout)
         if left:
             LOG.warning("%d instances still had work in flight; the journal replays it "
@@ -275,10 +284,7 @@ class TopService:
         self._stopped = True
         self._stop_requested.set()
         sd_notify("STOPPING=1")
-        for server in self.servers:
-            server.stop()
-        for server in self.servers:
-            server.wait()
+        stop_servers(self.servers)
         if self._thread is not None:
             self._thread.join(10)
         self.transports.close()
