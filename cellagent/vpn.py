@@ -43,6 +43,7 @@ import time
 import xml.etree.ElementTree as ET
 
 import botocore.exceptions
+import botocore.parsers
 
 from cellagent import exception
 
@@ -191,7 +192,7 @@ class VpnProvisioner:
                 if conn["State"] in _LIVE:
                     self._ignore_gone(self.ec2.delete_vpn_connection,
                                       VpnConnectionId=conn["VpnConnectionId"])
-                    done.append("deleted VPN connection %s" % conn["VpnConnectionId"])
+                    self._did(done, "deleted VPN connection %s" % conn["VpnConnectionId"])
             for conn in conns:
                 self._wait("VPN connection %s to be deleted" % conn["VpnConnectionId"],
                            lambda c=conn: self._connection_gone(c["VpnConnectionId"]))
@@ -201,18 +202,21 @@ class VpnProvisioner:
                     if att.get("State") in _ATTACHED:
                         self._ignore_gone(self.ec2.detach_vpn_gateway,
                                           VpnGatewayId=vgw_id, VpcId=att["VpcId"])
-                        done.append("detached VPN gateway %s from %s" % (vgw_id, att["VpcId"]))
+                        self._did(done, "detached VPN gateway %s from %s"
+                                  % (vgw_id, att["VpcId"]))
                 self._wait("VPN gateway %s to be detached" % vgw_id,
                            lambda v=vgw_id: self._detached(v))
                 self._ignore_gone(self.ec2.delete_vpn_gateway, VpnGatewayId=vgw_id)
-                done.append("deleted VPN gateway %s" % vgw_id)
+                self._did(done, "deleted VPN gateway %s" % vgw_id)
             for cgw in self._tagged("customer_gateway"):
                 self._ignore_gone(self.ec2.delete_customer_gateway,
                                   CustomerGatewayId=cgw["CustomerGatewayId"])
-                done.append("deleted customer gateway %s" % cgw["CustomerGatewayId"])
-        for line in done:
-            LOG.info("VPN %(name)s: %(what)s", {"name": self.name, "what": line})
+                self._did(done, "deleted customer gateway %s" % cgw["CustomerGatewayId"])
         return done
+
+    def _did(self, done, what):
+        LOG.info("VPN %(name)s: %(what)s", {"name": self.name, "what": what})
+        done.append(what)
 
     def render(self, state):
         """``(ipsec_conf, ipsec_secrets)`` text for the private side."""
@@ -365,7 +369,7 @@ class VpnProvisioner:
             call(**kwargs)
         except NotImplementedError:
             return False
-        except botocore.exceptions.ResponseParserError:
+        except botocore.parsers.ResponseParserError:
             return False
         except botocore.exceptions.ClientError as e:
             if _code(e) in _UNSUPPORTED_CODES:
@@ -393,7 +397,11 @@ class VpnProvisioner:
         method, key, _id, _label = self._KINDS[kind]
         found = getattr(self.ec2, method)(
             Filters=[{"Name": "tag:%s" % TAG_KEY, "Values": [self.name]}])[key]
-        return [item for item in found if item.get("State") in states]
+        # The tag is checked here too: moto 5.2.5 ignores tag filters on
+        # DescribeCustomerGateways and returns every customer gateway.
+        tag = {"Key": TAG_KEY, "Value": self.name}
+        return [item for item in found
+                if item.get("State") in states and tag in item.get("Tags", [])]
 
     def _one(self, kind):
         items = self._tagged(kind)
@@ -521,45 +529,58 @@ def parse_customer_gateway_configuration(text, tunnel_options=(), telemetry=()):
 
 
 def render_ipsec_conf(name, tunnels, private_cidrs, remote_cidrs):
-    """A strongSwan ``ipsec.conf`` (stroke/starter syntax) with one conn per tunnel.
+    """A strongSwan ``ipsec.conf`` (stroke/starter syntax), no secret in it.
 
     Policy-based: both tunnels carry the same subnets, so the kernel uses
     one at a time and strongSwan moves the traffic to the other when DPD
-    declares a tunnel dead (``dpdaction=restart``). No secret is in here.
+    declares a tunnel dead (``dpdaction=restart``). An IKEv2 tunnel is one
+    conn with every subnet in it. IKEv1 negotiates one subnet pair per
+    CHILD_SA, and strongSwan reads only the first subnet of a list under
+    IKEv1, so an IKEv1 tunnel gets one conn per (private, remote) pair.
     """
     lines = ["# strongSwan ipsec.conf for the cellagent VPN %s, rendered by" % name,
              "# 'cellagent-manage vpn create' from what EC2 returned. The keys are",
              "# in ipsec.secrets.", ""]
     for number, t in enumerate(tunnels, 1):
-        lines += ["conn cellagent-%s-%d" % (name, number),
-                  "    # AWS tunnel %d: inside %s (AWS) / %s (here)" % (
-                      number, t.aws_inside_cidr, t.customer_inside_cidr),
-                  "    type=tunnel",
-                  "    auto=start",
-                  "    keyexchange=%s" % t.ike_version,
-                  "    authby=secret",
-                  "    left=%defaultroute",
-                  "    leftid=%s" % t.customer_outside_ip,
-                  "    leftsubnet=%s" % ",".join(private_cidrs),
-                  "    right=%s" % t.aws_outside_ip,
-                  "    rightid=%s" % t.aws_outside_ip,
-                  "    rightsubnet=%s" % ",".join(remote_cidrs)]
-        for key, proposal in (("ike", t.ike_proposal), ("esp", t.esp_proposal)):
-            if proposal:
-                lines.append("    %s=%s!" % (key, proposal))
-            else:
-                lines.append("    # EC2's %s proposal has no strongSwan name here: "
-                             "strongSwan's defaults apply" % key)
-        lines += ["    ikelifetime=%ds" % t.ike_lifetime,
-                  "    lifetime=%ds" % t.ipsec_lifetime,
-                  "    dpddelay=%ds" % t.dpd_delay,
-                  "    dpdtimeout=%ds" % (t.dpd_delay * t.dpd_retries),
-                  "    dpdaction=restart",
-                  "    keyingtries=%forever"]
         if t.ike_version == "ikev2":
-            lines.append("    mobike=no")
-        lines.append("")
+            pairs = [(",".join(private_cidrs), ",".join(remote_cidrs))]
+        else:
+            pairs = [(left, right) for left in private_cidrs for right in remote_cidrs]
+        for index, (left, right) in enumerate(pairs, 1):
+            conn = "cellagent-%s-%d" % (name, number)
+            lines += ["conn %s" % (conn if len(pairs) == 1 else "%s-%d" % (conn, index)),
+                      "    # AWS tunnel %d: inside %s (AWS) / %s (here)" % (
+                          number, t.aws_inside_cidr, t.customer_inside_cidr)]
+            lines += _conn_body(t, left, right)
     return "\n".join(lines)
+
+
+def _conn_body(t, leftsubnet, rightsubnet):
+    lines = ["    type=tunnel",
+             "    auto=start",
+             "    keyexchange=%s" % t.ike_version,
+             "    authby=secret",
+             "    left=%defaultroute",
+             "    leftid=%s" % t.customer_outside_ip,
+             "    leftsubnet=%s" % leftsubnet,
+             "    right=%s" % t.aws_outside_ip,
+             "    rightid=%s" % t.aws_outside_ip,
+             "    rightsubnet=%s" % rightsubnet]
+    for key, proposal in (("ike", t.ike_proposal), ("esp", t.esp_proposal)):
+        if proposal:
+            lines.append("    %s=%s!" % (key, proposal))
+        else:
+            lines.append("    # EC2's %s proposal has no strongSwan name here: "
+                         "strongSwan's defaults apply" % key)
+    lines += ["    ikelifetime=%ds" % t.ike_lifetime,
+              "    lifetime=%ds" % t.ipsec_lifetime,
+              "    dpddelay=%ds" % t.dpd_delay,
+              "    dpdtimeout=%ds" % (t.dpd_delay * t.dpd_retries),
+              "    dpdaction=restart",
+              "    keyingtries=%forever"]
+    if t.ike_version == "ikev2":
+        lines.append("    mobike=no")
+    return lines + [""]
 
 
 def render_ipsec_secrets(name, tunnels):

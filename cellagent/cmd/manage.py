@@ -404,31 +404,14 @@ def _capacity(conf):
     return 0
 
 
-# [ec2] option names this command reads, first match wins; cellagent/conf
-# owns the group, and only the names it registers are read.
-_EC2_SETTINGS = {"region": ("region", "region_name"),
-                 "endpoint_url": ("endpoint_url",),
-                 "profile": ("profile", "profile_name"),
-                 "access_key": ("access_key_id", "aws_access_key_id", "access_key"),
-                 "secret_key": ("secret_access_key", "aws_secret_access_key", "secret_key"),
-                 "session_token": ("session_token", "aws_session_token")}
-
-
 def _ec2_settings(conf):
-    from oslo_config import cfg
+    """The [ec2] client options, when cellagent.conf registers the group."""
     if "ec2" not in conf:
         return {}
-    settings = {}
-    for key, names in _EC2_SETTINGS.items():
-        for name in names:
-            try:
-                value = getattr(conf.ec2, name)
-            except (cfg.NoSuchOptError, AttributeError):
-                continue
-            if value:
-                settings[key] = value
-            break
-    return settings
+    ec2 = conf.ec2
+    return {"region": ec2.region, "endpoint_url": ec2.endpoint_url,
+            "profile": ec2.profile, "access_key": ec2.access_key_id,
+            "secret_key": ec2.secret_access_key, "max_attempts": ec2.max_attempts}
 
 
 def _ec2_client(conf, args):
@@ -441,14 +424,16 @@ def _ec2_client(conf, args):
     settings = _ec2_settings(conf)
     try:
         session = boto3.session.Session(
-            profile_name=settings.get("profile"),
+            profile_name=settings.get("profile") or None,
             region_name=args.vpn_region or settings.get("region"),
             aws_access_key_id=settings.get("access_key"),
-            aws_secret_access_key=settings.get("secret_key"),
-            aws_session_token=settings.get("session_token"))
+            aws_secret_access_key=settings.get("secret_key"))
+        retries = {"mode": "standard"}
+        if settings.get("max_attempts"):
+            retries["max_attempts"] = settings["max_attempts"]
         return session.client(
             "ec2", endpoint_url=args.vpn_endpoint_url or settings.get("endpoint_url"),
-            config=botocore.config.Config(retries={"mode": "standard"}))
+            config=botocore.config.Config(retries=retries))
     except botocore.exceptions.NoRegionError:
         raise exception.ConfigurationError(
             reason="no AWS region: give --region, set [ec2] region or AWS_DEFAULT_REGION")

@@ -162,7 +162,11 @@ Also done once at start, after the journal replay. Instances the provider
 has that this cell owns but has no record of are *orphans*; records whose
 instance is gone from the provider are *vanished*; settled instances whose
 provider state differs from the record (stopped out of band, for example)
-have *drifted*, and are reported up together in one pass. 0 disables it.
+have *drifted*, and are reported up together in one pass.
+
+Possible values:
+
+* 0 (never) or more seconds
 
 Related options:
 
@@ -176,6 +180,10 @@ Related options:
 Seconds an orphan must stay an orphan before ``orphan_action`` applies.
 
 The grace covers a launch whose record is still being written.
+
+Possible values:
+
+* 0 or more seconds
 """),
     cfg.StrOpt(
         "orphan_action",
@@ -185,13 +193,25 @@ The grace covers a launch whose record is still being written.
                  ("adopt", "keep it, record it and report it to the top as a server "
                            "of this cell"),
                  ("ignore", "only log it")],
-        help="What to do with an orphan after ``orphan_grace``."),
+        help="""
+What to do with an orphan after ``orphan_grace``.
+
+Possible values:
+
+* ``terminate``, ``adopt`` or ``ignore`` (see the choices)
+"""),
     cfg.StrOpt(
         "vanished_action",
         default="destroy",
         choices=[("destroy", "report instance_destroy_at_top: the server is gone"),
                  ("error", "keep the record and set the server to ERROR with a fault")],
-        help="What to do with a record whose instance the provider no longer has."),
+        help="""
+What to do with a record whose instance the provider no longer has.
+
+Possible values:
+
+* ``destroy`` or ``error`` (see the choices)
+"""),
 ]
 
 fake_group = cfg.OptGroup("fake", title="Fake backend options", help="""
