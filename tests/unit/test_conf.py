@@ -11,7 +11,7 @@ from cellagent import conf as conf_mod
 from cellagent.conf import opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OURS = ("DEFAULT", "cells", "database", "backend", "fake")
+OURS = ("DEFAULT", "cells", "database", "backend", "fake", "ec2", "scheduler", "top")
 
 
 def _listed():

@@ -1,0 +1,473 @@
+"""[ec2] options: the Amazon EC2 backend (``[backend] driver = ec2``).
+
+Where and as whom to launch, how flavors and images map to EC2, what the
+operator allows us to spend, and how hard we may press the EC2 API. See
+``docs/ec2.md`` for the design these options tune.
+"""
+
+from oslo_config import cfg
+
+from cellagent.conf import group
+
+ec2_group = cfg.OptGroup("ec2", title="Amazon EC2 backend options", help="""
+The Amazon EC2 backend: region and credentials, the flavor and image maps,
+launch settings (subnet, security groups, key pair, tags), the operator's
+budget, and the API pacing (batching, rate limiter, retries).
+""")
+
+ec2_opts = [
+    # -- where, and as whom ------------------------------------------------
+    cfg.StrOpt(
+        "region",
+        default="us-east-1",
+        help="""
+EC2 region in which this cell launches its instances.
+
+Possible values:
+
+* An AWS region name such as ``us-east-1`` or ``eu-west-3``.
+
+Related options:
+
+* ``endpoint_url``
+"""),
+    cfg.URIOpt(
+        "endpoint_url",
+        default=None,
+        schemes=["http", "https"],
+        help="""
+EC2 API endpoint, instead of the region's public one.
+
+For an EC2-compatible cloud, a VPC endpoint, or a moto server in tests.
+When set, the vCPU quota is not asked of Service Quotas (that is a
+different endpoint) and ``vcpu_quota`` is used.
+
+Possible values:
+
+* unset: the region's public EC2 endpoint
+* an http(s) URL
+
+Related options:
+
+* ``region``, ``vcpu_quota``
+"""),
+    cfg.StrOpt(
+        "profile",
+        default=None,
+        help="""
+Named profile of the shared AWS credentials and config files.
+
+Possible values:
+
+* unset: the standard boto3 credential chain (environment, shared files,
+  container or instance role)
+* a profile name from ``~/.aws/credentials`` or ``~/.aws/config``
+
+Related options:
+
+* ``access_key_id``, ``secret_access_key``
+"""),
+    cfg.StrOpt(
+        "access_key_id",
+        default=None,
+        secret=True,
+        help="""
+AWS access key id, when the credentials are given here.
+
+Prefer an instance role or a profile. Never logged; masked in the logged
+option values.
+
+Possible values:
+
+* unset: the boto3 credential chain (or ``profile``)
+* an access key id; ``secret_access_key`` must then be set too
+
+Related options:
+
+* ``secret_access_key``, ``profile``
+"""),
+    cfg.StrOpt(
+        "secret_access_key",
+        default=None,
+        secret=True,
+        help="""
+AWS secret access key matching ``access_key_id``.
+
+Never logged; masked in the logged option values.
+
+Possible values:
+
+* unset: the boto3 credential chain (or ``profile``)
+* the secret key of ``access_key_id``
+
+Related options:
+
+* ``access_key_id``
+"""),
+    cfg.StrOpt(
+        "owner",
+        default=None,
+        sample_default="<[cells] name>",
+        help="""
+Value of the ``cellagent:owner`` tag put on every instance this cell launches.
+
+The backend sees (polls, lists, reconciles, deletes by uuid) only instances
+carrying this tag, so it must be the same for every agent process of one
+cell and differ between cells that share an AWS account.
+
+Possible values:
+
+* unset: the cell name (``[cells] name``)
+* any tag value (at most 256 characters)
+
+Related options:
+
+* ``tags``
+"""),
+    # -- launch settings ---------------------------------------------------
+    cfg.StrOpt(
+        "subnet_id",
+        default=None,
+        help="""
+VPC subnet in which instances are launched.
+
+Checked with DescribeSubnets at startup.
+
+Possible values:
+
+* unset: the default subnet of the default VPC
+* a subnet id such as ``subnet-0abc1234``
+
+Related options:
+
+* ``security_group_ids``
+"""),
+    cfg.ListOpt(
+        "security_group_ids",
+        default=[],
+        help="""
+VPC security groups given to every instance.
+
+Nova security group names of a build are not translated; these apply to
+every instance. Checked with DescribeSecurityGroups at startup.
+
+Possible values:
+
+* empty: the VPC's default security group
+* a list of security group ids such as ``sg-0abc1234``
+
+Related options:
+
+* ``subnet_id``
+"""),
+    cfg.StrOpt(
+        "key_name",
+        default=None,
+        help="""
+EC2 key pair installed in every instance.
+
+Possible values:
+
+* unset: no key pair
+* the name of an existing EC2 key pair of the region
+"""),
+    cfg.DictOpt(
+        "instance_type_map",
+        default={},
+        help="""
+Flavor name to EC2 instance type.
+
+A flavor missing here is launched as its extra spec ``ec2:instance_type``;
+a flavor with neither cannot be launched (the build fails at once, and the
+flavor reports no room). Every type named here is checked with
+DescribeInstanceTypes at startup, which refuses to start on an unknown one.
+
+Possible values:
+
+* ``flavor:type`` pairs, e.g. ``m1.small:t3.small,m1.large:m5.large``
+
+Related options:
+
+* ``prices``, ``image_map``
+"""),
+    cfg.DictOpt(
+        "image_map",
+        default={},
+        help="""
+Image uuid or image name to AMI id.
+
+An image missing here is launched as its image property ``ec2_ami``, or as
+its id if that already is an AMI id (``ami-…``). Every AMI named here is
+checked with DescribeImages at startup, which refuses to start on a
+missing one.
+
+Possible values:
+
+* ``image:ami`` pairs, e.g. ``cirros:ami-0abc1234``
+
+Related options:
+
+* ``instance_type_map``
+"""),
+    cfg.DictOpt(
+        "tags",
+        default={},
+        help="""
+Extra tags put on every instance and volume at launch.
+
+Tags whose key starts with ``cellagent:`` or ``aws:`` are refused. EC2
+allows 50 tags per resource and the backend uses 3 plus one per instance
+of a batched launch, so more extra tags make launch batches smaller.
+
+Possible values:
+
+* ``key:value`` pairs, e.g. ``team:cloud,cost-center:1234``
+
+Related options:
+
+* ``owner``
+"""),
+    cfg.BoolOpt(
+        "hibernate",
+        default=False,
+        help="""
+Pause and suspend by hibernating instead of a plain stop.
+
+Instances are then launched with hibernation configured, which EC2 allows
+only for some instance families and AMIs and needs an encrypted root
+volume large enough for the RAM. When a hibernate is refused, the backend
+stops the instance instead and logs a warning.
+
+Possible values:
+
+* True: pause and suspend hibernate the instance
+* False: they stop it (the guest's RAM is lost)
+"""),
+    # -- budget and quota ---------------------------------------------------
+    cfg.IntOpt(
+        "max_instances",
+        default=0,
+        min=0,
+        help="""
+Most instances this cell may have in EC2 at once (a budget cap).
+
+Every instance not terminated counts, stopped ones too. A launch beyond it
+fails with InsufficientCapacity before RunInstances is called.
+
+Possible values:
+
+* 0: no cap
+* a positive number of instances
+
+Related options:
+
+* ``max_vcpus``, ``max_cost_per_hour``
+"""),
+    cfg.IntOpt(
+        "max_vcpus",
+        default=0,
+        min=0,
+        help="""
+Most vCPUs this cell may run in EC2 at once (a budget cap).
+
+Counts pending, running, stopping and shutting-down instances, as the EC2
+vCPU quota does. The lower of this and the vCPU quota bounds launches and
+the reported capacity.
+
+Possible values:
+
+* 0: no cap beyond the quota
+* a positive number of vCPUs
+
+Related options:
+
+* ``vcpu_quota``, ``max_instances``, ``max_cost_per_hour``
+"""),
+    cfg.FloatOpt(
+        "max_cost_per_hour",
+        default=0.0,
+        min=0.0,
+        help="""
+Spend cap: most US dollars per hour of compute this cell may run.
+
+The cost of a running instance is its type's entry in ``prices``. A launch
+that would go over it fails with InsufficientCapacity ("spend cap") before
+RunInstances is called, and the reported room shrinks with the spend. When
+set, every type in ``instance_type_map`` must have a price.
+
+Possible values:
+
+* 0: no spend cap
+* a positive amount in US dollars per hour
+
+Related options:
+
+* ``prices``, ``max_instances``, ``max_vcpus``
+"""),
+    cfg.DictOpt(
+        "prices",
+        default={},
+        help="""
+Instance type to its on-demand price, in US dollars per hour.
+
+Used by the spend cap only; EC2's pricing API is not queried.
+
+Possible values:
+
+* ``type:price`` pairs, e.g. ``t3.small:0.0208,m5.large:0.096``
+
+Related options:
+
+* ``max_cost_per_hour``
+"""),
+    cfg.IntOpt(
+        "vcpu_quota",
+        default=64,
+        min=0,
+        help="""
+EC2 vCPU quota used when Service Quotas cannot tell it.
+
+The backend asks Service Quotas for "Running On-Demand Standard instances"
+(quota code L-1216C47A) at startup and every hour; when that is not
+available (no permission, an EC2-compatible endpoint, moto), this value is
+the quota. Our own running vCPUs are subtracted from it.
+
+Possible values:
+
+* 0 or more vCPUs
+
+Related options:
+
+* ``max_vcpus``, ``endpoint_url``
+"""),
+    cfg.IntOpt(
+        "ice_ttl",
+        default=300,
+        min=0,
+        help="""
+Seconds an instance type stays unavailable after EC2 ran out of it.
+
+After InsufficientInstanceCapacity (or InstanceLimitExceeded,
+VcpuLimitExceeded) the type reports no room and its launches fail at once,
+without calling EC2, for this long.
+
+Possible values:
+
+* 0: do not remember capacity errors
+* a positive number of seconds
+"""),
+    # -- API pacing -------------------------------------------------------
+    cfg.FloatOpt(
+        "batch_idle",
+        default=0.1,
+        min=0.0,
+        help="""
+Seconds a launch batch waits for another identical launch.
+
+Builds with the same AMI, instance type, subnet, security groups, key pair
+and user data go out as one RunInstances with a count. A batch is sent
+once no build joined it for this long, after ``batch_max`` in any case, or
+when it is full.
+
+Possible values:
+
+* 0: send every launch at once (no batching)
+* a positive number of seconds
+
+Related options:
+
+* ``batch_max``
+"""),
+    cfg.FloatOpt(
+        "batch_max",
+        default=1.0,
+        min=0.0,
+        help="""
+Longest a launch batch is held open, in seconds.
+
+Possible values:
+
+* 0 or more seconds; at least ``batch_idle`` to be useful
+
+Related options:
+
+* ``batch_idle``
+"""),
+    cfg.IntOpt(
+        "lost_instance_grace",
+        default=60,
+        min=0,
+        help="""
+Seconds an instance we just launched may be missing from DescribeInstances.
+
+EC2 is eventually consistent: right after RunInstances an instance may be
+unknown (InvalidInstanceID.NotFound) for a short while. Within this window
+such an instance is reported PENDING; after it, DELETED.
+
+Possible values:
+
+* 0 or more seconds
+"""),
+    cfg.IntOpt(
+        "max_attempts",
+        default=5,
+        min=1,
+        help="""
+Attempts per EC2 API call, in botocore's standard retry mode.
+
+botocore retries throttling, 5xx and connection errors with jittered
+exponential backoff; after the last attempt the operation fails with a
+retryable error and the manager retries it later.
+
+Possible values:
+
+* 1 (no retry) or more
+
+Related options:
+
+* ``api_rate``
+"""),
+    cfg.FloatOpt(
+        "api_rate",
+        default=20.0,
+        min=0.1,
+        help="""
+Highest rate of EC2 API requests, per account and region, per second.
+
+One token bucket per account (or endpoint) and region is shared by every
+EC2 backend of the process. It halves its rate when EC2 answers
+RequestLimitExceeded and grows back by a twentieth of this per successful
+request (AIMD).
+
+Possible values:
+
+* 0.1 or more requests per second
+
+Related options:
+
+* ``api_burst``, ``max_attempts``
+"""),
+    cfg.IntOpt(
+        "api_burst",
+        default=50,
+        min=1,
+        help="""
+Requests the EC2 rate limiter lets through at once before pacing.
+
+Possible values:
+
+* 1 or more requests
+
+Related options:
+
+* ``api_rate``
+"""),
+]
+
+
+def register_opts(conf):
+    group.register(conf, ec2_group, ec2_opts)
+
+
+def list_opts():
+    return [(ec2_group, ec2_opts)]
