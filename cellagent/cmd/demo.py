@@ -4,8 +4,10 @@ A top cell (``cellagent-top``'s service) and two child cells (``cellagent``
 agents with the fake backend) talk the cells v1 wire over oslo.messaging's
 in-memory ``fake://`` transport, each on its own exchange:
 
-* ``private``: the private cloud, room for 10 ``m1.small`` servers;
-* ``public``: a public cloud (fake; priced per vCPU-hour, slower to boot).
+* ``private``: the private cloud (fake backend), room for 10 ``m1.small``;
+* ``public``: Amazon EC2 through the ``ec2`` backend, played by moto in this
+  process (``mock_aws``: no network, no account), priced per vCPU-hour.
+  Without moto installed the public cell falls back to the fake backend.
 
 A workload ramps up (30 servers over about 20 s by default). The scheduler
 places them in the private cell until its free room after placement would
@@ -49,12 +51,45 @@ def _write_json(path, data):
     return path
 
 
-def _child(tmp, name, ram_mb, spawn_delay):
+def _moto():
+    """Start moto's in-process EC2 and register the demo's AMI; None without moto."""
+    os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    try:
+        import boto3
+        import moto
+    except ImportError:
+        LOG.warning("moto is not installed: the public cell uses the fake backend")
+        return None
+    mock = moto.mock_aws()
+    mock.start()
+    for key, value in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    ami = boto3.client("ec2", region_name="us-east-1").register_image(
+        Name="cirros", Architecture="x86_64", RootDeviceName="/dev/xvda",
+        VirtualizationType="hvm")["ImageId"]
+    return mock, ami
+
+
+def _child(tmp, name, ram_mb, spawn_delay, ec2_ami=None):
     from cellagent import service
     state = os.path.join(tmp, name)
     os.makedirs(state)
     cells_json = _write_json(os.path.join(state, "cells.json"),
                              {"top": {"transport_url": "fake:///top", "is_parent": True}})
+    ec2 = {}
+    if ec2_ami:
+        ec2 = {("backend", "driver"): "ec2", ("backend", "poll_interval"): 0.3,
+               ("ec2", "region"): "us-east-1", ("ec2", "image_map"): {"cirros": ec2_ami},
+               ("ec2", "instance_type_map"): {"m1.tiny": "t3.nano", "m1.small": "t3.small",
+                                              "m1.medium": "t3.medium",
+                                              "m1.large": "t3.large",
+                                              "m1.xlarge": "t3.xlarge"},
+               ("ec2", "prices"): {"t3.nano": "0.0052", "t3.small": "0.0208",
+                                   "t3.medium": "0.0416", "t3.large": "0.0832",
+                                   "t3.xlarge": "0.1664"},
+               ("ec2", "vcpu_quota"): 256, ("ec2", "batch_idle"): 0.05,
+               ("ec2", "batch_max"): 0.3}
     conf = _conf({
         (None, "transport_url"): "fake:///%s" % name, (None, "host"): "%s-agent" % name,
         (None, "state_path"): state, ("cells", "name"): name,
@@ -63,6 +98,7 @@ def _child(tmp, name, ram_mb, spawn_delay):
         ("backend", "poll_interval"): 0.1, ("fake", "ram_mb"): ram_mb,
         ("fake", "vcpus"): 512, ("fake", "disk_gb"): 100000,
         ("fake", "spawn_delay"): spawn_delay, ("fake", "delete_delay"): 0.4,
+        **ec2,
     })
     agent = service.AgentService(conf)
     agent.start()
@@ -203,9 +239,11 @@ def run(out=sys.stdout, servers=30, ramp_seconds=20.0, plot_path="cellagent-demo
     children = []
     top = None
     ok = False
+    moto = _moto()
     try:
         children.append(_child(tmp, "private", PRIVATE_RAM_MB, spawn_delay=1.0))
-        children.append(_child(tmp, "public", 1024 * 1024, spawn_delay=2.5))
+        children.append(_child(tmp, "public", 1024 * 1024, spawn_delay=2.5,
+                               ec2_ami=moto[1] if moto else None))
         top = _top(tmp, low, high)
         manager = top.manager
         timeline = Timeline(top.store, ["private", "public"])
@@ -222,8 +260,10 @@ def run(out=sys.stdout, servers=30, ramp_seconds=20.0, plot_path="cellagent-demo
         manager.add_listener(on_event)
 
         out.write("cellagent demo: top cell 'top', children 'private' (room for 10 m1.small) "
-                  "and 'public' (burst target)\nlow watermark %.0f%%, high watermark %.0f%%; "
-                  "ramping up %d servers over %.0f s\n\n" % (low, high, servers, ramp_seconds))
+                  "and 'public' (%s, burst target)\nlow watermark %.0f%%, high watermark %.0f%%; "
+                  "ramping up %d servers over %.0f s\n\n" % (
+                      "EC2 on in-process moto" if moto else "fake", low, high, servers,
+                      ramp_seconds))
         _wait_for_reports(manager, ["private", "public"], 10)
         out.write(client.format_cells(manager.cell_dicts(), time.time()) + "\n\n")
 
@@ -285,6 +325,8 @@ def run(out=sys.stdout, servers=30, ramp_seconds=20.0, plot_path="cellagent-demo
             top.stop()
         for child in children:
             child.stop()
+        if moto is not None:
+            moto[0].stop()
     return 0 if ok else 1
 
 
