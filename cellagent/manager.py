@@ -104,6 +104,7 @@ class Job:
         self._sealed = False
         self._finished = False
         self._errors = []
+        self._operations = []
         self._abandoned = False
 
     def part(self):
@@ -116,13 +117,25 @@ class Job:
             self._sealed = True
         self._maybe_finish()
 
-    def _done(self, error=None, abandon=False):
+    def cancel(self):
+        """The message was not stored after all: free its slot, write nothing."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        if self._release is not None:
+            self._release()
+
+    def _done(self, error=None, abandon=False, operation=None):
+        """One part is over; ``operation`` is the claim it finished, if any."""
         with self._lock:
             self._pending -= 1
             if error:
                 self._errors.append(error)
             if abandon:
                 self._abandoned = True
+            elif operation is not None:
+                self._operations.append(operation)
         self._maybe_finish()
 
     def _maybe_finish(self):
@@ -139,7 +152,8 @@ class Job:
             status = JournalStatus.FAILED if self._errors else JournalStatus.DONE
             error = "; ".join(self._errors)
         try:
-            self._store.finish_request(self.entry_id, status, error)
+            # The claims finished by this message go in the same write.
+            self._store.finish_request(self.entry_id, status, error, self._operations)
         except exception.StateError as e:
             LOG.error("Could not finish journal entry %(id)s: %(err)s",
                       {"id": self.entry_id, "err": e.message})
@@ -529,9 +543,8 @@ class CellManager:
         return None
 
     def _op_done(self, uuid, operation, done, abandon=False):
-        if not abandon:
-            self.store.finish_operation(uuid, operation)
-        done(abandon=abandon)
+        # The claim is finished with the journal entry (one transaction).
+        done(abandon=abandon, operation=(uuid, operation))
 
     def _build_failed(self, rec, reason, done, ctxt):
         LOG.error("[instance: %(uuid)s] Build failed: %(reason)s",

@@ -33,8 +33,9 @@ rather than acted on; tombstones are removed by ``purge_deleted``.
 Guarantees every implementation gives:
 
 - **Every write is one transaction.** A method either does all it says or
-  nothing; no method leaves a half-written row behind, and no caller ever
-  needs to think about transactions.
+  nothing; no method leaves a half-written row behind. The one exception
+  is asked for explicitly: inside ``batch()`` the writes of one thread
+  share a transaction (see there).
 - **Thread-safety.** One store object is shared by every thread of the agent
   (RPC executor, reporter, reconciler). All methods may be called
   concurrently; the uniqueness guarantees below hold between threads and,
@@ -113,6 +114,39 @@ class Store(abc.ABC):
     def close(self):
         """Release connections. The store must not be used afterwards."""
 
+    def batch(self):
+        """A context manager grouping the calling thread's writes in one transaction.
+
+        Used by a consumer that acknowledges a burst of received messages
+        only once their journal entries are stored: inside the block every
+        write method called *by this thread* joins one transaction, reads
+        by this thread see those writes, and the transaction is committed
+        when the block exits normally, rolled back if it raises. Other
+        threads are not affected: they do not see the uncommitted writes,
+        and theirs wait for the commit where the database has one writer.
+        A nested ``batch()`` joins the outer one.
+
+        The object returned has ``commit()``, which commits what was
+        written so far and lets the block go on in a new transaction: the
+        caller must call it before waiting for anything another thread may
+        only do after writing (a lock, a free slot), or the two wait for
+        each other.
+
+        A failed statement that the method reports as a result (a
+        duplicate ``begin_request``, a refused ``claim_operation``) leaves
+        the transaction usable. Any other storage failure inside the block
+        raises ``StateError`` there, and the commit then raises
+        ``StateError`` too: nothing of the block since the last commit is
+        stored, and the caller must treat those messages as not received.
+
+        The default groups nothing: each write commits at once, so nothing
+        is rolled back or hidden from other threads. That is all a store
+        without transactions (``MemoryStore``) can offer; a caller relying
+        on the rollback must also rely on the duplicate detection above,
+        which drops what a failed batch did store when it is received again.
+        """
+        return _NoBatch()
+
     # -- journal ----------------------------------------------------------
 
     @abc.abstractmethod
@@ -149,15 +183,19 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finish_request(self, entry_id, status, error=""):
+    def finish_request(self, entry_id, status, error="", operations=()):
         """Give an entry its final status and error text.
 
         ``status`` is one of ``JournalStatus.DONE``, ``FAILED`` or
         ``DROPPED``; ``error`` is the text to show an operator (empty on
-        success).
+        success). ``operations`` is an iterable of ``(instance uuid,
+        operation)`` claims the message finished: they are marked done as
+        ``finish_operation`` would, in the same transaction (one write per
+        finished build instead of two).
 
         :raises ValueError: if ``status`` is not a final status.
-        :raises StateError: if there is no such entry.
+        :raises StateError: if there is no such entry (no claim is then
+            changed).
         """
 
     @abc.abstractmethod
@@ -302,6 +340,20 @@ class Store(abc.ABC):
 
 
 # -- helpers shared by the implementations (not part of the interface) -------
+
+
+class _NoBatch:
+    """``Store.batch()`` of a store whose writes commit one by one."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def commit(self):
+        pass
+
 
 FINAL_STATUSES = frozenset({objects.JournalStatus.DONE, objects.JournalStatus.FAILED,
                             objects.JournalStatus.DROPPED})

@@ -79,10 +79,18 @@ class MemoryStore(base.Store):
         return self._change_entry(entry_id, lambda e: dataclasses.replace(
             e, status=objects.JournalStatus.RUNNING, attempts=e.attempts + 1))
 
-    def finish_request(self, entry_id, status, error=""):
+    def finish_request(self, entry_id, status, error="", operations=()):
         base.check_final(status)
-        self._change_entry(entry_id, lambda e: dataclasses.replace(
-            e, status=status, error=error or ""))
+        with self._lock:
+            entry = self._journal.get(entry_id)
+            if entry is None:
+                raise exception.StateError(reason="no journal entry %s" % entry_id)
+            self._journal[entry_id] = dataclasses.replace(
+                entry, status=status, error=error or "", updated_at=base.utcnow())
+            for key in operations:
+                held = self._operations.get(tuple(key))
+                if held is not None:
+                    held["status"] = base.OP_DONE
 
     def requeue(self, entry_id):
         self._change_entry(entry_id, lambda e: dataclasses.replace(

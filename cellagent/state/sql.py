@@ -136,6 +136,84 @@ class _BatchItem:
         self.done = threading.Event()
 
 
+class _Batch:
+    """``SqlStore.batch()``: one thread's writes in one transaction.
+
+    The transaction is opened at the first statement and, on SQLite, holds
+    the process's write lock until ``commit``: the group-commit writer and
+    other threads' writes wait for it, which is why callers commit before
+    blocking on anything else.
+    """
+
+    def __init__(self, store):
+        self._store = store
+        self.conn = None
+        self._trans = None
+        self.failed = None
+
+    def connection(self):
+        if self.conn is None:
+            store = self._store
+            if store._write_lock is None:
+                self.conn = store._engine.connect()
+            else:
+                store._write_lock.acquire()
+                try:
+                    if store._writer is None:
+                        store._writer = store._engine.connect().execution_options(
+                            cellagent_write=True)
+                    self.conn = store._writer
+                except BaseException:
+                    store._write_lock.release()
+                    raise
+            try:
+                self._trans = self.conn.begin()
+            except BaseException:
+                self._close(broken=True)
+                raise
+        return self.conn
+
+    def commit(self):
+        """Commit what was written so far; StateError if any of it failed."""
+        if self.conn is None:
+            return
+        failed, self.failed = self.failed, None
+        try:
+            if failed is not None:
+                raise failed
+            self._trans.commit()
+        except exception.StateError:
+            self._close(broken=True)
+            raise
+        except (sa_exc.SQLAlchemyError, self._store._dbapi_error) as exc:
+            self._close(broken=True)
+            raise self._store._state_error(exc) from exc
+        self._close()
+
+    def rollback(self):
+        self.failed = None
+        if self.conn is not None:
+            self._close(broken=True)
+
+    def _close(self, broken=False):
+        store, conn, trans = self._store, self.conn, self._trans
+        self.conn = self._trans = None
+        try:
+            if broken and trans is not None and trans.is_active:
+                trans.rollback()
+        except (sa_exc.SQLAlchemyError, store._dbapi_error):
+            LOG.debug("Rollback of a failed batch failed too", exc_info=True)
+        finally:
+            if store._write_lock is None:
+                conn.close()
+            else:
+                if broken:
+                    # Start the next write on a fresh connection.
+                    conn.close()
+                    store._writer = None
+                store._write_lock.release()
+
+
 def _entry(row):
     return objects.JournalEntry(**row._mapping)
 
@@ -218,6 +296,7 @@ class SqlStore(base.Store):
             # PostgreSQL takes row locks itself; writers need no queue here.
             self._write_lock = None
         self._writer = None
+        self._local = threading.local()     # .batch: the thread's open batch()
         self._batch_queue = None
         self._batch_thread = None
 
@@ -310,6 +389,21 @@ class SqlStore(base.Store):
         SQLite a failed statement (a unique conflict) undoes only itself.
         PostgreSQL keeps one transaction per call.
         """
+        scope = getattr(self._local, "batch", None)
+        if scope is not None:
+            try:
+                return fn(scope.connection())
+            except exception.CellAgentError:
+                raise
+            except sa_exc.IntegrityError as exc:
+                # SQLite undoes only the failed statement; PostgreSQL aborts
+                # the transaction.
+                if self._write_lock is None:
+                    scope.failed = self._state_error(exc)
+                raise
+            except Exception as exc:  # noqa: B902 - the batch cannot commit now
+                scope.failed = self._state_error(exc)
+                raise
         if self._write_lock is None:
             with self._write() as conn:
                 return fn(conn)
@@ -367,8 +461,31 @@ class SqlStore(base.Store):
         except sa_exc.IntegrityError:
             return False
 
+    @contextlib.contextmanager
     def _read(self):
-        return self._engine.connect()
+        scope = getattr(self._local, "batch", None)
+        if scope is not None and scope.conn is not None:
+            # Inside batch(): see this thread's uncommitted writes.
+            yield scope.conn
+            return
+        with self._engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def batch(self):
+        outer = getattr(self._local, "batch", None)
+        if outer is not None:
+            yield outer
+            return
+        scope = self._local.batch = _Batch(self)
+        try:
+            yield scope
+        except BaseException:
+            self._local.batch = None
+            scope.rollback()
+            raise
+        self._local.batch = None
+        scope.commit()
 
     def _scrub(self, text):
         if self._password:
@@ -477,10 +594,20 @@ class SqlStore(base.Store):
             raise exception.StateError(reason="no journal entry %s" % params["b_id"])
 
     @_translate_errors
-    def finish_request(self, entry_id, status, error=""):
+    def finish_request(self, entry_id, status, error="", operations=()):
         base.check_final(status)
-        self._set_status(_FINISH_REQUEST, {"b_id": entry_id, "b_status": status,
-                                           "b_error": error or ""})
+        now = base.utcnow()
+        params = {"b_id": entry_id, "b_status": status, "b_error": error or "",
+                  "b_now": now}
+        ops = [{"b_uuid": uuid, "b_op": op, "b_now": now} for uuid, op in operations]
+
+        def finish(conn):
+            if conn.execute(_FINISH_REQUEST, params).rowcount != 1:
+                raise exception.StateError(reason="no journal entry %s" % entry_id)
+            if ops:
+                conn.execute(_FINISH_OPERATION, ops)
+
+        self._batched(finish)
 
     @_translate_errors
     def requeue(self, entry_id):

@@ -186,6 +186,73 @@ class StoreContract:
         with pytest.raises(exception.StateError):
             store.finish_request(12345, JS.DONE)
 
+    def test_finish_request_finishes_its_claims(self, store):
+        entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
+        assert store.claim_operation(_uuid(2), "build", _uuid(1))
+        assert store.claim_operation(_uuid(3), "build", _uuid(1))
+        assert store.claim_operation(_uuid(4), "build", _uuid(1))
+        store.finish_request(entry.id, JS.DONE,
+                             operations=[(_uuid(2), "build"), (_uuid(3), "build")])
+        assert store.get_request(entry.id).status == JS.DONE
+        for n, status in ((2, base.OP_DONE), (3, base.OP_DONE), (4, base.OP_CLAIMED)):
+            assert store.get_operation(_uuid(n), "build")["status"] == status
+        assert not store.claim_operation(_uuid(2), "build", _uuid(1))
+
+    def test_finish_request_missing_changes_no_claim(self, store):
+        assert store.claim_operation(_uuid(2), "build", _uuid(1))
+        with pytest.raises(exception.StateError):
+            store.finish_request(12345, JS.DONE, operations=[(_uuid(2), "build")])
+        assert store.get_operation(_uuid(2), "build")["status"] == base.OP_CLAIMED
+
+    def test_batch_commits_on_exit(self, store):
+        with store.batch() as batch:
+            entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
+            assert store.begin_request(_uuid(1), "m", None, "{}") is None
+            assert store.claim_operation(_uuid(2), "build", _uuid(1))
+            assert not store.claim_operation(_uuid(2), "build", _uuid(9))
+            store.put_instance(self._record(2))
+            assert store.get_instance(_uuid(2)).backend_id == "i-0002"
+            assert store.get_request(_uuid(1)).id == entry.id
+            batch.commit()
+            store.finish_request(entry.id, JS.DONE, operations=[(_uuid(2), "build")])
+            with store.batch():         # nested: joins the outer one
+                store.update_instance(_uuid(2), backend_id="i-9")
+        assert store.get_request(entry.id).status == JS.DONE
+        assert store.get_operation(_uuid(2), "build")["status"] == base.OP_DONE
+        assert store.get_instance(_uuid(2)).backend_id == "i-9"
+
+    def test_batch_rolls_back_after_the_last_commit(self, store):
+        if not self.persistent_schema:
+            pytest.skip("writes of this store commit one by one")
+        with pytest.raises(RuntimeError):
+            with store.batch() as batch:
+                store.begin_request(_uuid(1), "m", None, "{}")
+                batch.commit()
+                store.begin_request(_uuid(2), "m", None, "{}")
+                store.put_instance(self._record(3))
+                raise RuntimeError("consumer failed")
+        assert store.get_request(_uuid(1)) is not None
+        assert store.get_request(_uuid(2)) is None
+        assert store.get_instance(_uuid(3)) is None
+        # The store is usable afterwards.
+        assert store.begin_request(_uuid(2), "m", None, "{}") is not None
+
+    def test_batch_is_not_seen_by_other_threads_before_commit(self, store):
+        if not self.persistent_schema:
+            pytest.skip("writes of this store commit one by one")
+        with store.batch() as batch:
+            store.begin_request(_uuid(1), "m", None, "{}")
+            assert run_threads(1, lambda i: store.get_request(_uuid(1))) == [None]
+            # Another thread's write waits at most until the commit.
+            other = threading.Thread(
+                target=lambda: store.begin_request(_uuid(2), "m", None, "{}"))
+            other.start()
+            batch.commit()
+            other.join(60)
+            assert not other.is_alive()
+        assert store.get_request(_uuid(1)) is not None
+        assert store.get_request(_uuid(2)) is not None
+
     def test_unfinished_in_received_order(self, store):
         entries = [store.begin_request(_uuid(i), "m", None, "{}") for i in range(6)]
         store.start_attempt(entries[1].id)
