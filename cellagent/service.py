@@ -13,6 +13,8 @@ import os
 import socket
 import threading
 
+from oslo_config import cfg
+
 from cellagent import backends
 from cellagent import exception
 from cellagent import manager as manager_mod
@@ -20,6 +22,7 @@ from cellagent import reporter as reporter_mod
 from cellagent import state
 from cellagent import workqueue
 from cellagent.conf import database
+from cellagent.rpc import consumer as consumer_mod
 from cellagent.rpc import endpoint as endpoint_mod
 from cellagent.rpc import neighbours as neighbours_mod
 from cellagent.rpc import parent_api
@@ -108,9 +111,13 @@ class AgentService:
         self.poller.start()
         self.manager.recover()
         url = conf.transport_url
-        self.servers = transport_mod.rpc_servers(
-            self.transports.rpc_transport(url), url, cells.rpc_driver_queue_base, conf.host,
-            endpoint_mod.IntercellEndpoint(self.router))
+        if consumer_mod.supported(conf, url):
+            # RabbitMQ: our own consumer, acknowledging after the journal.
+            self.servers = [self._kombu_consumer(url)]
+        else:
+            self.servers = transport_mod.rpc_servers(
+                self.transports.rpc_transport(url), url, cells.rpc_driver_queue_base,
+                conf.host, endpoint_mod.IntercellEndpoint(self.router))
         for server in self.servers:
             server.start()
         LOG.info("Cell %(name)s listening on %(url)s (%(base)s.*)",
@@ -118,6 +125,21 @@ class AgentService:
                   "base": cells.rpc_driver_queue_base})
         self.reporter.start()
         sd_notify("READY=1")
+
+    def _kombu_consumer(self, url):
+        rabbit = self.conf.oslo_messaging_rabbit
+        try:
+            pool_size = self.conf.executor_thread_pool_size
+        except cfg.NoSuchOptError:
+            pool_size = 64      # oslo.messaging's default
+        return consumer_mod.KombuConsumer(
+            url, self.conf.cells.rpc_driver_queue_base, self.conf.host, self.router,
+            self.manager.intake, exchange=self.conf.control_exchange,
+            durable=rabbit.amqp_durable_queues, auto_delete=rabbit.amqp_auto_delete,
+            ha_queues=rabbit.rabbit_ha_queues,
+            transient_ttl=rabbit.rabbit_transient_queues_ttl,
+            prefetch=rabbit.rabbit_qos_prefetch_count,
+            heartbeat=rabbit.heartbeat_timeout_threshold, pool_size=pool_size)
 
     def request_stop(self, *_args):
         """Signal handler: only sets a flag (huey's rule)."""

@@ -130,7 +130,9 @@ class Store(abc.ABC):
         written so far and lets the block go on in a new transaction: the
         caller must call it before waiting for anything another thread may
         only do after writing (a lock, a free slot), or the two wait for
-        each other.
+        each other. Its ``waiting()`` is True when other threads wait for
+        the transaction to end: a long block should commit then, and
+        writers are served in the order they came.
 
         A failed statement that the method reports as a result (a
         duplicate ``begin_request``, a refused ``claim_operation``) leaves
@@ -286,6 +288,18 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def add_instance(self, record):
+        """Insert a record unless the instance already has one.
+
+        One statement where ``get_instance`` then ``put_instance`` would
+        take two (the first write of every build). Stamps the timestamps
+        as ``put_instance`` does on insert.
+
+        :returns: None if the record was inserted, or the stored
+            ``InstanceRecord`` (tombstones included), left unchanged.
+        """
+
+    @abc.abstractmethod
     def get_instance(self, instance_uuid):
         """Return the ``InstanceRecord``, tombstones included, or None."""
 
@@ -353,6 +367,9 @@ class _NoBatch:
 
     def commit(self):
         pass
+
+    def waiting(self):
+        return False
 
 
 FINAL_STATUSES = frozenset({objects.JournalStatus.DONE, objects.JournalStatus.FAILED,

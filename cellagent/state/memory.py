@@ -165,6 +165,16 @@ class MemoryStore(base.Store):
             self._instances[record.instance_uuid] = values
             return base.to_record(values)
 
+    def add_instance(self, record):
+        values = base.record_values(record)
+        with self._lock:
+            old = self._instances.get(record.instance_uuid)
+            if old is not None:
+                return base.to_record(old)
+            values["created_at"] = values["updated_at"] = base.utcnow()
+            self._instances[record.instance_uuid] = values
+        return None
+
     def get_instance(self, instance_uuid):
         with self._lock:
             row = self._instances.get(instance_uuid)

@@ -108,9 +108,46 @@ _SQLITE_LOCKS = {}
 _SQLITE_LOCKS_GUARD = threading.Lock()
 
 
+class _FifoLock:
+    """A lock granted in request order, that tells whether anyone waits.
+
+    ``threading.Lock`` lets the thread that releases it take it straight
+    back; a consumer committing its batch between two messages would then
+    starve the group-commit writer (and every worker waiting on it).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0          # next ticket to hand out
+        self._serving = 0       # ticket that holds the lock
+
+    def acquire(self):
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def waiting(self):
+        """True if another thread waits for the lock (racy: a hint)."""
+        return self._next - self._serving > 1
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def _sqlite_lock(path):
     with _SQLITE_LOCKS_GUARD:
-        return _SQLITE_LOCKS.setdefault(os.path.realpath(path), threading.Lock())
+        return _SQLITE_LOCKS.setdefault(os.path.realpath(path), _FifoLock())
 
 
 def _translate_errors(method):
@@ -189,6 +226,12 @@ class _Batch:
             self._close(broken=True)
             raise self._store._state_error(exc) from exc
         self._close()
+
+    def waiting(self):
+        """True if other threads wait for this transaction to end."""
+        lock = self._store._write_lock
+        return self.conn is not None and lock is not None and (
+            lock.waiting() or not self._store._batch_queue_empty())
 
     def rollback(self):
         self.failed = None
@@ -323,6 +366,10 @@ class SqlStore(base.Store):
                           if c not in ("instance_uuid", "created_at")))
         ).bindparams(*[sa.bindparam(c.name, type_=c.type) for c in INSTANCES.c]
                      ).columns(created_at=INSTANCES.c.created_at.type)
+        self._insert_instance = sa.text(
+            "INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (instance_uuid) DO NOTHING" % (
+                INSTANCES.name, ", ".join(cols), ", ".join(":" + c for c in cols))
+        ).bindparams(*[sa.bindparam(c.name, type_=c.type) for c in INSTANCES.c])
         LOG.debug("State store on %s", self.url)
 
     def __repr__(self):
@@ -420,6 +467,9 @@ class SqlStore(base.Store):
         if item.error is not None:
             raise item.error
         return item.result
+
+    def _batch_queue_empty(self):
+        return self._batch_queue is None or self._batch_queue.empty()
 
     def _batch_loop(self):
         while True:
@@ -693,6 +743,20 @@ class SqlStore(base.Store):
         values["created_at"] = self._batched(
             lambda conn: conn.execute(self._upsert_instance, values).scalar_one())
         return base.to_record(values)
+
+    @_translate_errors
+    def add_instance(self, record):
+        now = base.utcnow()
+        values = base.record_values(record)
+        values.update(created_at=now, updated_at=now)
+
+        def add(conn):
+            if conn.execute(self._insert_instance, values).rowcount == 1:
+                return None
+            return conn.execute(_SELECT_INSTANCE, {"b_uuid": record.instance_uuid}).first()
+
+        row = self._batched(add)
+        return base.to_record(row._mapping) if row is not None else None
 
     @_translate_errors
     def get_instance(self, instance_uuid):

@@ -61,6 +61,8 @@ class StoreContract:
     persistent_schema = True
     # True when two make_store() calls reach the same data.
     shared_backend = True
+    # False when batch() groups nothing (each write commits at once).
+    transactional = True
 
     def make_store(self):
         raise NotImplementedError
@@ -204,6 +206,21 @@ class StoreContract:
             store.finish_request(12345, JS.DONE, operations=[(_uuid(2), "build")])
         assert store.get_operation(_uuid(2), "build")["status"] == base.OP_CLAIMED
 
+    def test_add_instance_inserts_once(self, store):
+        assert store.add_instance(self._record(1)) is None
+        got = store.get_instance(_uuid(1))
+        assert got.backend_id == "i-0001" and got.created_at is not None
+        again = store.add_instance(self._record(1, backend_id="i-other"))
+        assert again.backend_id == "i-0001"
+        assert store.get_instance(_uuid(1)).backend_id == "i-0001"
+
+    def test_add_instance_returns_a_tombstone(self, store):
+        store.put_instance(self._record(1))
+        store.delete_instance(_uuid(1))
+        got = store.add_instance(self._record(1))
+        assert got.deleted
+        assert store.get_instance(_uuid(1)).deleted
+
     def test_batch_commits_on_exit(self, store):
         with store.batch() as batch:
             entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
@@ -222,8 +239,6 @@ class StoreContract:
         assert store.get_instance(_uuid(2)).backend_id == "i-9"
 
     def test_batch_rolls_back_after_the_last_commit(self, store):
-        if not self.persistent_schema:
-            pytest.skip("writes of this store commit one by one")
         with pytest.raises(RuntimeError):
             with store.batch() as batch:
                 store.begin_request(_uuid(1), "m", None, "{}")
@@ -232,17 +247,18 @@ class StoreContract:
                 store.put_instance(self._record(3))
                 raise RuntimeError("consumer failed")
         assert store.get_request(_uuid(1)) is not None
-        assert store.get_request(_uuid(2)) is None
-        assert store.get_instance(_uuid(3)) is None
-        # The store is usable afterwards.
-        assert store.begin_request(_uuid(2), "m", None, "{}") is not None
+        # A store without transactions (batch() groups nothing) kept them.
+        kept = not self.transactional
+        assert (store.get_request(_uuid(2)) is not None) == kept
+        assert (store.get_instance(_uuid(3)) is not None) == kept
+        # The store is usable afterwards; the duplicate check still holds.
+        assert (store.begin_request(_uuid(2), "m", None, "{}") is None) == kept
 
     def test_batch_is_not_seen_by_other_threads_before_commit(self, store):
-        if not self.persistent_schema:
-            pytest.skip("writes of this store commit one by one")
         with store.batch() as batch:
             store.begin_request(_uuid(1), "m", None, "{}")
-            assert run_threads(1, lambda i: store.get_request(_uuid(1))) == [None]
+            seen = run_threads(1, lambda i: store.get_request(_uuid(1)))[0]
+            assert (seen is None) == self.transactional
             # Another thread's write waits at most until the commit.
             other = threading.Thread(
                 target=lambda: store.begin_request(_uuid(2), "m", None, "{}"))
