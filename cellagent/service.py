@@ -13,8 +13,6 @@ import os
 import socket
 import threading
 
-from oslo_config import cfg
-
 from cellagent import backends
 from cellagent import exception
 from cellagent import manager as manager_mod
@@ -127,19 +125,9 @@ class AgentService:
         sd_notify("READY=1")
 
     def _kombu_consumer(self, url):
-        rabbit = self.conf.oslo_messaging_rabbit
-        try:
-            pool_size = self.conf.executor_thread_pool_size
-        except cfg.NoSuchOptError:
-            pool_size = 64      # oslo.messaging's default
         return consumer_mod.KombuConsumer(
             url, self.conf.cells.rpc_driver_queue_base, self.conf.host, self.router,
-            self.manager.intake, exchange=self.conf.control_exchange,
-            durable=rabbit.amqp_durable_queues, auto_delete=rabbit.amqp_auto_delete,
-            ha_queues=rabbit.rabbit_ha_queues,
-            transient_ttl=rabbit.rabbit_transient_queues_ttl,
-            prefetch=rabbit.rabbit_qos_prefetch_count,
-            heartbeat=rabbit.heartbeat_timeout_threshold, pool_size=pool_size)
+            self.manager.intake, **consumer_mod.options(self.conf))
 
     def request_stop(self, *_args):
         """Signal handler: only sets a flag (huey's rule)."""

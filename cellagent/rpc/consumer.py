@@ -46,6 +46,7 @@ import uuid as uuidlib
 
 import kombu
 from kombu import compression
+from oslo_config import cfg
 
 from cellagent import exception
 from cellagent.rpc import intercell
@@ -67,6 +68,20 @@ def supported(conf, url):
     if rabbit.rabbit_login_method != "AMQPLAIN":
         return False
     return not any(getattr(rabbit, name, False) for name in UNSUPPORTED_OPTIONS)
+
+
+def options(conf):
+    """KombuConsumer keyword arguments from oslo.messaging's options in ``conf``."""
+    rabbit = conf.oslo_messaging_rabbit
+    try:
+        pool_size = conf.executor_thread_pool_size
+    except cfg.NoSuchOptError:
+        pool_size = 64      # oslo.messaging's default, registered with its servers
+    return {"exchange": conf.control_exchange, "durable": rabbit.amqp_durable_queues,
+            "auto_delete": rabbit.amqp_auto_delete, "ha_queues": rabbit.rabbit_ha_queues,
+            "transient_ttl": rabbit.rabbit_transient_queues_ttl,
+            "prefetch": rabbit.rabbit_qos_prefetch_count,
+            "heartbeat": rabbit.heartbeat_timeout_threshold, "pool_size": pool_size}
 
 
 def queue_arguments(ha_queues=False, ttl=0):
