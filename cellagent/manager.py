@@ -184,6 +184,7 @@ class Intake:
         self._scope = None
         self._store_batch = None
         self._work = []
+        self._later = []
         self._jobs = []
         self._failed = None
         self._since = 0
@@ -214,6 +215,13 @@ class Intake:
 
     def defer(self, key, fn, preempt):
         self._work.append((key, fn, preempt))
+
+    def later(self, fn):
+        """Call ``fn()`` after the commit, before the held-back work is queued.
+
+        For what need not hold the write lock (sending a report).
+        """
+        self._later.append(fn)
 
     def track(self, job):
         self._jobs.append(job)
@@ -248,11 +256,18 @@ class Intake:
 
     def _release(self):
         self._since = 0
+        later, self._later = self._later, []
         work, self._work, self._jobs = self._work, [], []
+        for fn in later:
+            try:
+                fn()
+            except Exception:  # noqa: B902 - a report failing must not stop the rest
+                LOG.exception("Sending after a journal commit failed")
         for key, fn, preempt in work:
             self._manager.work.submit(key, fn, preempt=preempt)
 
     def _abort(self):
+        self._later = []
         jobs, self._work, self._jobs = self._jobs, [], []
         for job in jobs:
             job.cancel()
@@ -423,6 +438,14 @@ class CellManager:
         if intake is not None:
             intake.flush()
 
+    def _after_commit(self, fn):
+        """Call ``fn()`` now, or inside an intake once its batch is committed."""
+        intake = getattr(self._local, "intake", None)
+        if intake is not None:
+            intake.later(fn)
+        else:
+            fn()
+
     def _submit(self, key, fn, preempt=False):
         """Queue backend work; inside an intake, once its batch is committed."""
         intake = getattr(self._local, "intake", None)
@@ -588,12 +611,13 @@ class CellManager:
             # The first report carries every field as changed, so a top that
             # lost (or never had) the row recreates it from this message.
             first = set(rec.instance) - TOP_RESETS | {"task_state", "vm_state", "uuid"}
-            futures = self._report(rec, sorted(first), msg.ctxt, persist=False,
-                                   vm_state=VmState.BUILDING,
-                                   task_state=TaskState.SCHEDULING)
+            # Fire-and-confirm (the last report gates the entry), sent once
+            # the journal entry is committed, before the work is queued.
+            self._after_commit(lambda r=rec, f=sorted(first), c=msg.ctxt: self._report(
+                r, f, c, persist=False, vm_state=VmState.BUILDING,
+                task_state=TaskState.SCHEDULING))
             LOG.debug("[instance: %(uuid)s] Build accepted (%(flavor)s)",
                      {"uuid": uuid, "flavor": flavor.name})
-            del futures  # the first report is fire-and-confirm; the last one gates
             self._submit(uuid, lambda r=rec, q=request, d=done, c=msg.ctxt:
                              self._spawn(r, q, d, c))
 
