@@ -177,7 +177,7 @@ class Intake:
     ones that were stored are dropped as duplicates).
     """
 
-    CHECKPOINT_EVERY = 8
+    CHECKPOINT_EVERY = 32
 
     def __init__(self, manager):
         self._manager = manager
