@@ -2,8 +2,9 @@
 
 Journal first, then the backend. For every method that changes something
 the first act is ``store.begin_request`` with the message uuid: a message
-seen before is dropped with a warning (oslo.messaging acknowledged it before
-we got it, so the journal is the only durability point). Builds and deletes
+seen before is dropped with a warning (a redelivery, or a re-send: the
+journal is the durability point, see ``Intake`` for how the consumer
+acknowledges only what it holds). Builds and deletes
 also claim ``(instance uuid, operation)`` so that a re-sent build (new
 message uuid, same instance) or a second delete is dropped too. A journal
 entry is finished only once the last report it causes was confirmed by the

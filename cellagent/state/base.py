@@ -1,9 +1,11 @@
 """The Store interface: the journal, the operation claims and the instance map.
 
-The store is the agent's durability point. oslo.messaging acknowledges a cast
-before it is dispatched, so the first thing an endpoint does with a message is
-``begin_request``: from then on the message survives a crash, and startup
-replays whatever ``unfinished`` returns. The store holds three things:
+The store is the agent's durability point. The first thing the agent does
+with a message is ``begin_request``: from then on the message survives a
+crash, and startup replays whatever ``unfinished`` returns. (On RabbitMQ the
+broker's copy is acknowledged only once that write is committed, see
+``batch()``; oslo.messaging's own servers acknowledge before.) The store
+holds three things:
 
 *The journal* is one row per received cells message, keyed by the message
 uuid the sending cell chose. Its life is::
