@@ -2,8 +2,9 @@
 
 Journal first, then the backend. For every method that changes something
 the first act is ``store.begin_request`` with the message uuid: a message
-seen before is dropped with a warning (oslo.messaging acknowledged it before
-we got it, so the journal is the only durability point). Builds and deletes
+seen before is dropped with a warning (a redelivery, or a re-send: the
+journal is the durability point, see ``Intake`` for how the consumer
+acknowledges only what it holds). Builds and deletes
 also claim ``(instance uuid, operation)`` so that a re-sent build (new
 message uuid, same instance) or a second delete is dropped too. A journal
 entry is finished only once the last report it causes was confirmed by the
@@ -19,6 +20,7 @@ ending ``active`` with the addresses in ``info_cache.network_info`` and
 ends with ``instance_destroy_at_top``.
 """
 
+import contextlib
 import datetime
 import json
 import logging
@@ -110,6 +112,7 @@ class Job:
         self._sealed = False
         self._finished = False
         self._errors = []
+        self._operations = []
         self._abandoned = False
 
     def part(self):
@@ -122,13 +125,25 @@ class Job:
             self._sealed = True
         self._maybe_finish()
 
-    def _done(self, error=None, abandon=False):
+    def cancel(self):
+        """The message was not stored after all: free its slot, write nothing."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        if self._release is not None:
+            self._release()
+
+    def _done(self, error=None, abandon=False, operation=None):
+        """One part is over; ``operation`` is the claim it finished, if any."""
         with self._lock:
             self._pending -= 1
             if error:
                 self._errors.append(error)
             if abandon:
                 self._abandoned = True
+            elif operation is not None:
+                self._operations.append(operation)
         self._maybe_finish()
 
     def _maybe_finish(self):
@@ -145,10 +160,124 @@ class Job:
             status = JournalStatus.FAILED if self._errors else JournalStatus.DONE
             error = "; ".join(self._errors)
         try:
-            self._store.finish_request(self.entry_id, status, error)
+            # The claims finished by this message go in the same write.
+            self._store.finish_request(self.entry_id, status, error, self._operations)
         except exception.StateError as e:
             LOG.error("Could not finish journal entry %(id)s: %(err)s",
                       {"id": self.entry_id, "err": e.message})
+
+
+class Intake:
+    """``CellManager.intake()``: messages handled as one store batch.
+
+    A consumer that acknowledges messages only once they are journaled
+    handles a burst of them on its own thread inside this context: their
+    journal entries, claims and records go into one transaction
+    (``Store.batch``), and the backend work they queue is held back until
+    that transaction is committed (journal first, then the backend). Where
+    handling would wait for something another thread may only do after a
+    write of its own (a full ``max_pending_operations``, an instance lock),
+    what was written so far is committed first.
+
+    Leaving the block commits. It raises ``StateError`` when a commit
+    failed: the messages of the block must then be received again (the
+    ones that were stored are dropped as duplicates).
+    """
+
+    CHECKPOINT_EVERY = 32
+
+    def __init__(self, manager):
+        self._manager = manager
+        self._scope = None
+        self._store_batch = None
+        self._work = []
+        self._later = []
+        self._jobs = []
+        self._failed = None
+        self._since = 0
+
+    def __enter__(self):
+        self._scope = self._manager.store.batch()
+        self._store_batch = self._scope.__enter__()
+        self._manager._local.intake = self
+        return self
+
+    def __exit__(self, etype, exc, tb):
+        self._manager._local.intake = None
+        failed = self._failed
+        if etype is None and failed is not None:
+            etype, exc, tb = type(failed), failed, failed.__traceback__
+        try:
+            self._scope.__exit__(etype, exc, tb)
+        except exception.StateError:
+            self._abort()
+            raise
+        if etype is not None:
+            self._abort()
+            if failed is not None:
+                raise failed
+            return False
+        self._release()
+        return False
+
+    def defer(self, key, fn, preempt):
+        self._work.append((key, fn, preempt))
+
+    def later(self, fn):
+        """Call ``fn()`` after the commit, before the held-back work is queued.
+
+        For what need not hold the write lock (sending a report).
+        """
+        self._later.append(fn)
+
+    def track(self, job):
+        self._jobs.append(job)
+
+    @property
+    def failed(self):
+        """The StateError of a failed commit: the rest of the block is wasted."""
+        return self._failed
+
+    def checkpoint(self):
+        """Between two messages: commit if other threads wait to write.
+
+        Not after every message: a commit and a hand-over of the write lock
+        cost about what one message's writes do.
+        """
+        self._since += 1
+        if self._since >= self.CHECKPOINT_EVERY and self._failed is None \
+                and self._store_batch.waiting():
+            self.flush()
+
+    def flush(self):
+        """Commit what was written so far and let its work go."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._store_batch.commit()
+        except exception.StateError as e:
+            self._failed = e
+            self._abort()
+            raise
+        self._release()
+
+    def _release(self):
+        self._since = 0
+        later, self._later = self._later, []
+        work, self._work, self._jobs = self._work, [], []
+        for fn in later:
+            try:
+                fn()
+            except Exception:  # noqa: B902 - a report failing must not stop the rest
+                LOG.exception("Sending after a journal commit failed")
+        for key, fn, preempt in work:
+            self._manager.work.submit(key, fn, preempt=preempt)
+
+    def _abort(self):
+        self._later = []
+        jobs, self._work, self._jobs = self._jobs, [], []
+        for job in jobs:
+            job.cancel()
 
 
 class CellManager:
@@ -171,6 +300,7 @@ class CellManager:
         self.retry_delay = retry_delay
         self._locks = {}
         self._locks_lock = threading.Lock()
+        self._local = threading.local()     # .intake: the thread's open Intake
         # Flow control: oslo.messaging acknowledges before dispatch, so the
         # only way to leave a backlog on the broker is to block the RPC
         # thread while max_inflight journal entries are unfinished (their
@@ -210,6 +340,23 @@ class CellManager:
         }
 
     # -- entry from the router ---------------------------------------------
+
+    def intake(self):
+        """Handle the next messages of this thread as one batch (see Intake)."""
+        return Intake(self)
+
+    def quick(self, msg):
+        """True if ``handle(msg)`` only journals, queues work and sends.
+
+        Such a message may be handled inside an ``intake()`` on a
+        consumer's own thread; anything else (reads answered at once, which
+        may call the backend) is better run elsewhere.
+        """
+        if msg.message_type == "broadcast" and msg.direction == "up":
+            return True
+        table = self._targeted if msg.message_type == "targeted" else self._broadcast
+        entry = table.get(msg.method_name)
+        return entry is not None and entry[1]
 
     def handle(self, msg):
         if msg.message_type == "broadcast" and msg.direction == "up":
@@ -254,9 +401,15 @@ class CellManager:
             self.store.start_attempt(entry_id)
         release = None
         if self._inflight is not None:
-            self._inflight.acquire()
+            if not self._inflight.acquire(blocking=False):
+                # The slots free up as entries finish, which takes a write.
+                self._flush()
+                self._inflight.acquire()
             release = self._inflight.release
         job = Job(self.store, entry_id, release)
+        intake = getattr(self._local, "intake", None)
+        if intake is not None:
+            intake.track(job)
         method = (self._targeted if msg.message_type == "targeted"
                   else self._broadcast)[msg.method_name][0]
         try:
@@ -284,12 +437,41 @@ class CellManager:
 
     # -- helpers -----------------------------------------------------------
 
+    @contextlib.contextmanager
     def _lock(self, uuid):
         with self._locks_lock:
             lock = self._locks.get(uuid)
             if lock is None:
                 lock = self._locks[uuid] = threading.Lock()
-            return lock
+        if not lock.acquire(blocking=False):
+            # Its holder may be waiting to write: commit our batch first.
+            self._flush()
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _flush(self):
+        intake = getattr(self._local, "intake", None)
+        if intake is not None:
+            intake.flush()
+
+    def _after_commit(self, fn):
+        """Call ``fn()`` now, or inside an intake once its batch is committed."""
+        intake = getattr(self._local, "intake", None)
+        if intake is not None:
+            intake.later(fn)
+        else:
+            fn()
+
+    def _submit(self, key, fn, preempt=False):
+        """Queue backend work; inside an intake, once its batch is committed."""
+        intake = getattr(self._local, "intake", None)
+        if intake is not None:
+            intake.defer(key, fn, preempt)
+        else:
+            self.work.submit(key, fn, preempt=preempt)
 
     def _report(self, rec, changes, ctxt, persist=True, **fields):
         """Apply ``fields`` to the record, store it, send the update up.
@@ -416,23 +598,23 @@ class CellManager:
                             {"uuid": uuid, "msg": msg.uuid})
                 self._answer_resend(uuid, msg.ctxt)
                 continue
-            rec = self.store.get_instance(uuid)
-            if rec is not None and rec.deleted:
+            instance = {k: v for k, v in data.items() if k != "id"}
+            instance.setdefault("launch_index", index)
+            new = InstanceRecord(
+                instance_uuid=uuid, flavor=flavor.to_dict() if flavor else {},
+                image_ref=str(data.get("image_ref") or image.get("id") or ""),
+                launch_token="%s-1" % uuid, generation=1,
+                project_id=str(data.get("project_id") or ""), instance=instance)
+            # The record as received, unless one exists (a tombstone, or ours
+            # on replay): then that one, untouched.
+            rec = self.store.add_instance(new) or new
+            if rec.deleted:
                 LOG.warning("[instance: %s] Dropped build: the instance was deleted before "
                             "its build arrived", uuid)
                 self.store.finish_operation(uuid, "build")
                 self.parent.instance_destroy_at_top(
                     intercell.obj_primitive("Instance", {"uuid": uuid}), msg.ctxt)
                 continue
-            if rec is None:
-                instance = {k: v for k, v in data.items() if k != "id"}
-                instance.setdefault("launch_index", index)
-                rec = InstanceRecord(
-                    instance_uuid=uuid, flavor=flavor.to_dict() if flavor else {},
-                    image_ref=str(data.get("image_ref") or image.get("id") or ""),
-                    launch_token="%s-1" % uuid, generation=1,
-                    project_id=str(data.get("project_id") or ""), instance=instance)
-                self.store.put_instance(rec)
             done = job.part()
             if invalid:
                 self._build_failed(rec, "Invalid build request: %s" % invalid, done, msg.ctxt)
@@ -449,13 +631,14 @@ class CellManager:
             # The first report carries every field as changed, so a top that
             # lost (or never had) the row recreates it from this message.
             first = set(rec.instance) - TOP_RESETS | {"task_state", "vm_state", "uuid"}
-            futures = self._report(rec, sorted(first), msg.ctxt, persist=False,
-                                   vm_state=VmState.BUILDING,
-                                   task_state=TaskState.SCHEDULING)
+            # Fire-and-confirm (the last report gates the entry), sent once
+            # the journal entry is committed, before the work is queued.
+            self._after_commit(lambda r=rec, f=sorted(first), c=msg.ctxt: self._report(
+                r, f, c, persist=False, vm_state=VmState.BUILDING,
+                task_state=TaskState.SCHEDULING))
             LOG.debug("[instance: %(uuid)s] Build accepted (%(flavor)s)",
                      {"uuid": uuid, "flavor": flavor.name})
-            del futures  # the first report is fire-and-confirm; the last one gates
-            self.work.submit(uuid, lambda r=rec, q=request, d=done, c=msg.ctxt:
+            self._submit(uuid, lambda r=rec, q=request, d=done, c=msg.ctxt:
                              self._spawn(r, q, d, c))
 
     def _answer_resend(self, uuid, ctxt):
@@ -559,9 +742,8 @@ class CellManager:
         return None
 
     def _op_done(self, uuid, operation, done, abandon=False):
-        if not abandon:
-            self.store.finish_operation(uuid, operation)
-        done(abandon=abandon)
+        # The claim is finished with the journal entry (one transaction).
+        done(abandon=abandon, operation=(uuid, operation))
 
     def _build_failed(self, rec, reason, done, ctxt):
         LOG.error("[instance: %(uuid)s] Build failed: %(reason)s",
@@ -648,7 +830,7 @@ class CellManager:
                         "is already under way", {"uuid": uuid, "msg": msg.uuid})
             return
         done = job.part()
-        self.work.submit(uuid, lambda: self._destroy(rec.instance_uuid, done, msg.ctxt),
+        self._submit(uuid, lambda: self._destroy(rec.instance_uuid, done, msg.ctxt),
                          preempt=True)
 
     def _destroy(self, uuid, done, ctxt):
@@ -771,7 +953,7 @@ class CellManager:
 
     def _power_op(self, rec, msg, job, op):
         done = job.part()
-        self.work.submit(rec.instance_uuid,
+        self._submit(rec.instance_uuid,
                          lambda: self._run_power_op(rec.instance_uuid, op, done, msg.ctxt))
 
     def _run_power_op(self, uuid, op, done, ctxt):
@@ -1255,7 +1437,7 @@ class CellManager:
             # Not journaled (a call-or-cast through run_compute_api_method):
             # a lost restore is simply repeated by the user.
             rec = self._get_live(uuid, msg.ctxt)
-            self.work.submit(uuid, lambda: self._run_power_op(
+            self._submit(uuid, lambda: self._run_power_op(
                 rec.instance_uuid, "restore", lambda **kw: None, msg.ctxt))
             return None
         raise exception.CellServiceAPIMethodNotFound(method_name=method)

@@ -22,6 +22,7 @@ from cellagent import reporter as reporter_mod
 from cellagent import state
 from cellagent import workqueue
 from cellagent.conf import database
+from cellagent.rpc import consumer as consumer_mod
 from cellagent.rpc import endpoint as endpoint_mod
 from cellagent.rpc import neighbours as neighbours_mod
 from cellagent.rpc import parent_api
@@ -123,9 +124,13 @@ class AgentService:
         self.poller.start()
         self.manager.recover()
         url = conf.transport_url
-        self.servers = transport_mod.rpc_servers(
-            self.transports.rpc_transport(url), url, cells.rpc_driver_queue_base, conf.host,
-            endpoint_mod.IntercellEndpoint(self.router))
+        if consumer_mod.supported(conf, url):
+            # RabbitMQ: our own consumer, acknowledging after the journal.
+            self.servers = [self._kombu_consumer(url)]
+        else:
+            self.servers = transport_mod.rpc_servers(
+                self.transports.rpc_transport(url), url, cells.rpc_driver_queue_base,
+                conf.host, endpoint_mod.IntercellEndpoint(self.router))
         for server in self.servers:
             server.start()
         LOG.info("Cell %(name)s listening on %(url)s (%(base)s.*)",
@@ -137,6 +142,11 @@ class AgentService:
             conf.backend.orphan_action, conf.backend.vanished_action)
         self.reconciler.start()
         sd_notify("READY=1")
+
+    def _kombu_consumer(self, url):
+        return consumer_mod.KombuConsumer(
+            url, self.conf.cells.rpc_driver_queue_base, self.conf.host, self.router,
+            self.manager.intake, **consumer_mod.options(self.conf))
 
     def request_stop(self, *_args):
         """Signal handler: only sets a flag (huey's rule)."""

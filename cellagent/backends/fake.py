@@ -147,7 +147,8 @@ class FakeBackend(base.Backend):
                          {"uuid": uuid, "bid": old["backend_id"]})
                 self._remove(old)
             rec = self._create(request)
-            LOG.info("[instance: %(uuid)s] created %(bid)s (%(flavor)s)",
+            # DEBUG: the manager logs the build at INFO once it is active.
+            LOG.debug("[instance: %(uuid)s] created %(bid)s (%(flavor)s)",
                      {"uuid": uuid, "bid": rec["backend_id"], "flavor": rec["flavor"]})
             return self._to_info(rec)
 

@@ -101,8 +101,8 @@ Related options:
         help="""
 Most received messages in progress at once (flow control).
 
-oslo.messaging acknowledges a message before handing it over, so without a
-bound a backlog on the broker would be pulled into memory. When this many
+Without a bound a backlog on the broker would be pulled into memory (and
+into the journal) faster than the backend works it off. When this many
 journaled messages are unfinished (queued, waiting on the provider, or
 waiting for the parent's broker to confirm their reports), the agent stops
 taking messages (they stay on the broker) until some finish.

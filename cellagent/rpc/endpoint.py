@@ -9,7 +9,9 @@ with a failure response when the sender waits for one, and logged otherwise.
 The *handler* (``CellManager`` in a child, the top manager in a parent) is
 called with the decoded :class:`~cellagent.rpc.intercell.Message` and
 returns the value to send back, or raises. Durability (the journal) is the
-handler's first act; see ``manager.py``.
+handler's first act; see ``manager.py``. A handler may also tell which
+messages it handles without waiting (``quick(msg)``): a consumer runs those
+on its own thread (``rpc/consumer.py``) and hands the others to a pool.
 """
 
 import logging
@@ -78,13 +80,40 @@ class Router:
         self.dropped = 0
 
     def receive(self, text):
+        """Decode and route one cells message JSON (never raises)."""
+        msg = self.decode(text)
+        if msg is not None:
+            self.route(msg)
+
+    def decode(self, text):
+        """The Message, or None (logged and counted) if it cannot be decoded."""
         try:
             msg = intercell.decode(text, self.our_name, self.max_hop_count)
         except exception.MessageError as e:
             self.dropped += 1
             LOG.warning("Dropped an undecodable cells message: %s", e.message)
-            return
+            return None
         LOG.debug("Received %s", msg.describe())
+        return msg
+
+    def quick(self, msg):
+        """True if routing ``msg`` never waits for anything but the store.
+
+        Responses and forwarded casts are only sent on; a cast run here is
+        quick if the handler says so (``handler.quick(msg)``, optional).
+        Calls wait for their answer and may ask the backend: never quick.
+        """
+        if msg.message_type == "response":
+            return True
+        if msg.need_response:
+            return False
+        if msg.message_type == "targeted" and not msg.is_local_target:
+            return True
+        quick = getattr(self._handler, "quick", None)
+        return quick is not None and quick(msg)
+
+    def route(self, msg):
+        """Act on a decoded message (section 2.3-2.5); never raises."""
         try:
             if msg.message_type == "targeted":
                 self._targeted(msg)

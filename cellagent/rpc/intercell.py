@@ -13,6 +13,7 @@ Nothing here does I/O or reads configuration.
 import dataclasses
 import datetime
 import json
+import re
 import traceback
 import uuid as uuidlib
 
@@ -27,6 +28,8 @@ RPC_VERSION = "1.0"
 ENVELOPE_VERSION = "2.0"
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"       # oslo.context / nova RequestContext
 OBJ_DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"      # oslo.versionedobjects DateTime
+# TIMESTAMP_FORMAT with every field at full width, ASCII digits only.
+_TIMESTAMP_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}\Z")
 
 # The newest object versions a Rocky/Stein cell accepts (section 2.8).
 OBJECT_VERSIONS = {
@@ -111,7 +114,13 @@ def check_context(ctxt):
         if not isinstance(ts, str):
             raise exception.MalformedMessage(reason="ctxt.timestamp is not a string")
         try:
-            datetime.datetime.strptime(ts, TIMESTAMP_FORMAT)
+            # The usual shape (what oslo.context writes) is checked without
+            # strptime, which cost more than the rest of the decoding; any
+            # other string still goes through strptime, as Nova's does.
+            if _TIMESTAMP_RE.match(ts):
+                datetime.datetime.fromisoformat(ts)
+            else:
+                datetime.datetime.strptime(ts, TIMESTAMP_FORMAT)
         except ValueError:
             raise exception.MalformedMessage(
                 reason="ctxt.timestamp %r does not match %s" % (ts, TIMESTAMP_FORMAT))

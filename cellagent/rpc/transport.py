@@ -145,8 +145,8 @@ class KombuPublisher:
     def publish(self, message, base):
         """Queue ``message`` for its topic; returns a Future set on confirm."""
         topic = topic_for(base, message.message_type)
-        # Serialized here, once: kombu then sends the text as it is.
-        body = json.dumps(intercell.envelope(message))
+        # Serialized here, once, on the caller's thread.
+        body = json.dumps(intercell.envelope(message)).encode("utf-8")
         if message.fanout:
             exchange = kombu.Exchange("%s_fanout" % topic, type="fanout",
                                       durable=False, auto_delete=True)
@@ -245,10 +245,12 @@ class KombuPublisher:
             if item.exchange.name not in self._declared:
                 item.exchange(self._channel).declare()
                 self._declared.add(item.exchange.name)
-            self._producer.publish(item.body, exchange=item.exchange,
-                                   routing_key=item.routing_key, retry=False,
-                                   content_type="application/json",
-                                   content_encoding="utf-8")
+            # What kombu's Producer.publish sends (persistent, JSON, UTF-8),
+            # without its per-message preparation.
+            self._channel.basic_publish(
+                self._channel.prepare_message(item.body, 0, "application/json", "utf-8",
+                                              {}, {"delivery_mode": 2}),
+                exchange=item.exchange.name, routing_key=item.routing_key)
             self._unacked[self._next_tag] = item
             self._next_tag += 1
         deadline = time.monotonic() + self._confirm_timeout

@@ -1,9 +1,11 @@
 """The Store interface: the journal, the operation claims and the instance map.
 
-The store is the agent's durability point. oslo.messaging acknowledges a cast
-before it is dispatched, so the first thing an endpoint does with a message is
-``begin_request``: from then on the message survives a crash, and startup
-replays whatever ``unfinished`` returns. The store holds three things:
+The store is the agent's durability point. The first thing the agent does
+with a message is ``begin_request``: from then on the message survives a
+crash, and startup replays whatever ``unfinished`` returns. (On RabbitMQ the
+broker's copy is acknowledged only once that write is committed, see
+``batch()``; oslo.messaging's own servers acknowledge before.) The store
+holds three things:
 
 *The journal* is one row per received cells message, keyed by the message
 uuid the sending cell chose. Its life is::
@@ -33,8 +35,9 @@ rather than acted on; tombstones are removed by ``purge_deleted``.
 Guarantees every implementation gives:
 
 - **Every write is one transaction.** A method either does all it says or
-  nothing; no method leaves a half-written row behind, and no caller ever
-  needs to think about transactions.
+  nothing; no method leaves a half-written row behind. The one exception
+  is asked for explicitly: inside ``batch()`` the writes of one thread
+  share a transaction (see there).
 - **Thread-safety.** One store object is shared by every thread of the agent
   (RPC executor, reporter, reconciler). All methods may be called
   concurrently; the uniqueness guarantees below hold between threads and,
@@ -113,6 +116,41 @@ class Store(abc.ABC):
     def close(self):
         """Release connections. The store must not be used afterwards."""
 
+    def batch(self):
+        """A context manager grouping the calling thread's writes in one transaction.
+
+        Used by a consumer that acknowledges a burst of received messages
+        only once their journal entries are stored: inside the block every
+        write method called *by this thread* joins one transaction, reads
+        by this thread see those writes, and the transaction is committed
+        when the block exits normally, rolled back if it raises. Other
+        threads are not affected: they do not see the uncommitted writes,
+        and theirs wait for the commit where the database has one writer.
+        A nested ``batch()`` joins the outer one.
+
+        The object returned has ``commit()``, which commits what was
+        written so far and lets the block go on in a new transaction: the
+        caller must call it before waiting for anything another thread may
+        only do after writing (a lock, a free slot), or the two wait for
+        each other. Its ``waiting()`` is True when other threads wait for
+        the transaction to end: a long block should commit then, and
+        writers are served in the order they came.
+
+        A failed statement that the method reports as a result (a
+        duplicate ``begin_request``, a refused ``claim_operation``) leaves
+        the transaction usable. Any other storage failure inside the block
+        raises ``StateError`` there, and the commit then raises
+        ``StateError`` too: nothing of the block since the last commit is
+        stored, and the caller must treat those messages as not received.
+
+        The default groups nothing: each write commits at once, so nothing
+        is rolled back or hidden from other threads. That is all a store
+        without transactions (``MemoryStore``) can offer; a caller relying
+        on the rollback must also rely on the duplicate detection above,
+        which drops what a failed batch did store when it is received again.
+        """
+        return _NoBatch()
+
     # -- journal ----------------------------------------------------------
 
     @abc.abstractmethod
@@ -149,15 +187,19 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finish_request(self, entry_id, status, error=""):
+    def finish_request(self, entry_id, status, error="", operations=()):
         """Give an entry its final status and error text.
 
         ``status`` is one of ``JournalStatus.DONE``, ``FAILED`` or
         ``DROPPED``; ``error`` is the text to show an operator (empty on
-        success).
+        success). ``operations`` is an iterable of ``(instance uuid,
+        operation)`` claims the message finished: they are marked done as
+        ``finish_operation`` would, in the same transaction (one write per
+        finished build instead of two).
 
         :raises ValueError: if ``status`` is not a final status.
-        :raises StateError: if there is no such entry.
+        :raises StateError: if there is no such entry (no claim is then
+            changed).
         """
 
     @abc.abstractmethod
@@ -248,6 +290,18 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def add_instance(self, record):
+        """Insert a record unless the instance already has one.
+
+        One statement where ``get_instance`` then ``put_instance`` would
+        take two (the first write of every build). Stamps the timestamps
+        as ``put_instance`` does on insert.
+
+        :returns: None if the record was inserted, or the stored
+            ``InstanceRecord`` (tombstones included), left unchanged.
+        """
+
+    @abc.abstractmethod
     def get_instance(self, instance_uuid):
         """Return the ``InstanceRecord``, tombstones included, or None."""
 
@@ -302,6 +356,23 @@ class Store(abc.ABC):
 
 
 # -- helpers shared by the implementations (not part of the interface) -------
+
+
+class _NoBatch:
+    """``Store.batch()`` of a store whose writes commit one by one."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def commit(self):
+        pass
+
+    def waiting(self):
+        return False
+
 
 FINAL_STATUSES = frozenset({objects.JournalStatus.DONE, objects.JournalStatus.FAILED,
                             objects.JournalStatus.DROPPED})

@@ -79,10 +79,18 @@ class MemoryStore(base.Store):
         return self._change_entry(entry_id, lambda e: dataclasses.replace(
             e, status=objects.JournalStatus.RUNNING, attempts=e.attempts + 1))
 
-    def finish_request(self, entry_id, status, error=""):
+    def finish_request(self, entry_id, status, error="", operations=()):
         base.check_final(status)
-        self._change_entry(entry_id, lambda e: dataclasses.replace(
-            e, status=status, error=error or ""))
+        with self._lock:
+            entry = self._journal.get(entry_id)
+            if entry is None:
+                raise exception.StateError(reason="no journal entry %s" % entry_id)
+            self._journal[entry_id] = dataclasses.replace(
+                entry, status=status, error=error or "", updated_at=base.utcnow())
+            for key in operations:
+                held = self._operations.get(tuple(key))
+                if held is not None:
+                    held["status"] = base.OP_DONE
 
     def requeue(self, entry_id):
         self._change_entry(entry_id, lambda e: dataclasses.replace(
@@ -156,6 +164,16 @@ class MemoryStore(base.Store):
             values["updated_at"] = now
             self._instances[record.instance_uuid] = values
             return base.to_record(values)
+
+    def add_instance(self, record):
+        values = base.record_values(record)
+        with self._lock:
+            old = self._instances.get(record.instance_uuid)
+            if old is not None:
+                return base.to_record(old)
+            values["created_at"] = values["updated_at"] = base.utcnow()
+            self._instances[record.instance_uuid] = values
+        return None
 
     def get_instance(self, instance_uuid):
         with self._lock:

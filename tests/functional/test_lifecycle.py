@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import socket
+import subprocess
 import uuid
 
 from tests.functional.conftest import wait_for
@@ -248,6 +249,16 @@ def test_unknown_instance_and_method_get_novas_errors(parent, agent_factory):
     parent.cast(build_message([ok]))
     wait_for(lambda: parent.view(ok).get("vm_state") == "active", 20, what="still serving")
     assert agent.proc.poll() is None
+    # ... and acknowledged: nothing is left on the queue, ready or unacked.
+    wait_for(lambda: queue_messages(parent.child_vhost, "cells.intercell.targeted") == "0",
+             10, what="the targeted queue to be empty")
+
+
+def queue_messages(vhost, name):
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
+                          "--no-table-headers"], check=True, capture_output=True, text=True,
+                         timeout=60).stdout
+    return dict(line.split("\t") for line in out.splitlines() if "\t" in line).get(name)
 
 
 def test_sigterm_drains_and_sd_notify(parent, agent_factory, tmp_path):

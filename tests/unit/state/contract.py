@@ -61,6 +61,8 @@ class StoreContract:
     persistent_schema = True
     # True when two make_store() calls reach the same data.
     shared_backend = True
+    # False when batch() groups nothing (each write commits at once).
+    transactional = True
 
     def make_store(self):
         raise NotImplementedError
@@ -185,6 +187,87 @@ class StoreContract:
     def test_finish_request_missing(self, store):
         with pytest.raises(exception.StateError):
             store.finish_request(12345, JS.DONE)
+
+    def test_finish_request_finishes_its_claims(self, store):
+        entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
+        assert store.claim_operation(_uuid(2), "build", _uuid(1))
+        assert store.claim_operation(_uuid(3), "build", _uuid(1))
+        assert store.claim_operation(_uuid(4), "build", _uuid(1))
+        store.finish_request(entry.id, JS.DONE,
+                             operations=[(_uuid(2), "build"), (_uuid(3), "build")])
+        assert store.get_request(entry.id).status == JS.DONE
+        for n, status in ((2, base.OP_DONE), (3, base.OP_DONE), (4, base.OP_CLAIMED)):
+            assert store.get_operation(_uuid(n), "build")["status"] == status
+        assert not store.claim_operation(_uuid(2), "build", _uuid(1))
+
+    def test_finish_request_missing_changes_no_claim(self, store):
+        assert store.claim_operation(_uuid(2), "build", _uuid(1))
+        with pytest.raises(exception.StateError):
+            store.finish_request(12345, JS.DONE, operations=[(_uuid(2), "build")])
+        assert store.get_operation(_uuid(2), "build")["status"] == base.OP_CLAIMED
+
+    def test_add_instance_inserts_once(self, store):
+        assert store.add_instance(self._record(1)) is None
+        got = store.get_instance(_uuid(1))
+        assert got.backend_id == "i-0001" and got.created_at is not None
+        again = store.add_instance(self._record(1, backend_id="i-other"))
+        assert again.backend_id == "i-0001"
+        assert store.get_instance(_uuid(1)).backend_id == "i-0001"
+
+    def test_add_instance_returns_a_tombstone(self, store):
+        store.put_instance(self._record(1))
+        store.delete_instance(_uuid(1))
+        got = store.add_instance(self._record(1))
+        assert got.deleted
+        assert store.get_instance(_uuid(1)).deleted
+
+    def test_batch_commits_on_exit(self, store):
+        with store.batch() as batch:
+            entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
+            assert store.begin_request(_uuid(1), "m", None, "{}") is None
+            assert store.claim_operation(_uuid(2), "build", _uuid(1))
+            assert not store.claim_operation(_uuid(2), "build", _uuid(9))
+            store.put_instance(self._record(2))
+            assert store.get_instance(_uuid(2)).backend_id == "i-0002"
+            assert store.get_request(_uuid(1)).id == entry.id
+            batch.commit()
+            store.finish_request(entry.id, JS.DONE, operations=[(_uuid(2), "build")])
+            with store.batch():         # nested: joins the outer one
+                store.update_instance(_uuid(2), backend_id="i-9")
+        assert store.get_request(entry.id).status == JS.DONE
+        assert store.get_operation(_uuid(2), "build")["status"] == base.OP_DONE
+        assert store.get_instance(_uuid(2)).backend_id == "i-9"
+
+    def test_batch_rolls_back_after_the_last_commit(self, store):
+        with pytest.raises(RuntimeError):
+            with store.batch() as batch:
+                store.begin_request(_uuid(1), "m", None, "{}")
+                batch.commit()
+                store.begin_request(_uuid(2), "m", None, "{}")
+                store.put_instance(self._record(3))
+                raise RuntimeError("consumer failed")
+        assert store.get_request(_uuid(1)) is not None
+        # A store without transactions (batch() groups nothing) kept them.
+        kept = not self.transactional
+        assert (store.get_request(_uuid(2)) is not None) == kept
+        assert (store.get_instance(_uuid(3)) is not None) == kept
+        # The store is usable afterwards; the duplicate check still holds.
+        assert (store.begin_request(_uuid(2), "m", None, "{}") is None) == kept
+
+    def test_batch_is_not_seen_by_other_threads_before_commit(self, store):
+        with store.batch() as batch:
+            store.begin_request(_uuid(1), "m", None, "{}")
+            seen = run_threads(1, lambda i: store.get_request(_uuid(1)))[0]
+            assert (seen is None) == self.transactional
+            # Another thread's write waits at most until the commit.
+            other = threading.Thread(
+                target=lambda: store.begin_request(_uuid(2), "m", None, "{}"))
+            other.start()
+            batch.commit()
+            other.join(60)
+            assert not other.is_alive()
+        assert store.get_request(_uuid(1)) is not None
+        assert store.get_request(_uuid(2)) is not None
 
     def test_unfinished_in_received_order(self, store):
         entries = [store.begin_request(_uuid(i), "m", None, "{}") for i in range(6)]

@@ -9,6 +9,7 @@ from tests.unit.state.contract import StoreContract
 class TestMemoryStore(StoreContract):
     persistent_schema = False
     shared_backend = False
+    transactional = False
 
     def make_store(self):
         return state.get_store("memory://")
