@@ -4,6 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/venv.sh" test
 cd "$ROOT"
+"$ROOT/scripts/nova-peer-venv.sh"   # .venv-nova: the nova peer (issue 6)
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
