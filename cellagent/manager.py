@@ -619,7 +619,8 @@ class CellManager:
             if invalid:
                 self._build_failed(rec, "Invalid build request: %s" % invalid, done, msg.ctxt)
                 continue
-            request = self._build_request(rec, data, kwargs, flavor, image, index)
+            request = self._build_request(rec, data, kwargs, flavor, image, index,
+                                          first_launch=rec is new)
             if rec.state == InstanceState.RUNNING and rec.backend_id:
                 # Replay after the build finished but before its report was
                 # confirmed: send every field this cell owns again.
@@ -672,7 +673,7 @@ class CellManager:
             self._changed()
         return flavor
 
-    def _build_request(self, rec, data, kwargs, flavor, image, index):
+    def _build_request(self, rec, data, kwargs, flavor, image, index, first_launch=False):
         networks = []
         for net in intercell.obj_list_items(kwargs.get("requested_networks"), "NetworkRequest"):
             ndata, _ = intercell.obj_data(net, "NetworkRequest")
@@ -691,7 +692,8 @@ class CellManager:
             metadata=dict(data.get("metadata") or {}),
             networks=networks, security_groups=[str(g) for g in groups],
             launch_index=int(data.get("launch_index") or index),
-            admin_password=password if isinstance(password, str) and password != "***" else "")
+            admin_password=password if isinstance(password, str) and password != "***" else "",
+            first_launch=first_launch)
 
     def _spawn(self, rec, request, done, ctxt):
         try:

@@ -207,6 +207,12 @@ class BuildRequest:
     security_groups: list = dataclasses.field(default_factory=list)
     launch_index: int = 0
     admin_password: str = dataclasses.field(default="", repr=False)
+    #: True when this cell never recorded the instance before this request:
+    #: no process of this cell can have launched it, so a backend may skip
+    #: its look-up for an earlier launch. False on replays, retries after a
+    #: restart and rebuilds, where the look-up is what keeps launches
+    #: exactly-once.
+    first_launch: bool = False
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ own client); faults are injected there too, where they never reach moto.
 """
 
 import base64
+import dataclasses
 import concurrent.futures
 import logging
 import sys
@@ -368,6 +369,20 @@ class TestBatching:
         result = poll_until(backend, [ref_of(i) for i in infos])
         assert len(result) == 100
         assert h.calls["DescribeInstances"] <= 2     # pending -> running on the next one
+
+    def test_a_batch_of_first_launches_is_one_call(self, aws):
+        backend, h = started(aws, batch_idle=0.5, batch_max=2.0)
+        infos = spawn_many(backend, [dataclasses.replace(request(), first_launch=True)
+                                     for _ in range(40)], workers=40)
+        assert (h.calls["RunInstances"], h.calls["DescribeInstances"]) == (1, 0)
+        assert len(ec2_harness.admin_instances(OWNER)) == 40
+        # A known instance (here: a rebuild) is still looked up first.
+        h.reset_counts()
+        req = request()
+        req = dataclasses.replace(req, instance_uuid=infos[0].instance_uuid,
+                                  generation=2, launch_token=infos[0].instance_uuid + "-2")
+        backend.spawn(req)
+        assert h.calls["DescribeInstances"] == 1 and h.calls["TerminateInstances"] == 1
 
     def test_different_specs_are_different_batches(self, aws):
         backend, h = started(aws, batch_idle=0.5, batch_max=2.0)
