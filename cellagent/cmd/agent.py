@@ -26,25 +26,31 @@ def parse_config(argv, conf=None, prog="cellagent"):
     return conf
 
 
-def main(argv=None):
-    init_threading()
+def serve(factory, argv, prog):
+    """Parse config, build the service with ``factory(conf)``, run it until
+    SIGTERM/SIGINT, stop it. Shared by ``cellagent`` and ``cellagent-top``."""
     from cellagent import exception
-    from cellagent import service
 
-    conf = parse_config(sys.argv[1:] if argv is None else argv)
-    agent = service.AgentService(conf)
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    signal.signal(signal.SIGINT, agent.request_stop)
+    conf = parse_config(sys.argv[1:] if argv is None else argv, prog=prog)
+    svc = factory(conf)
+    signal.signal(signal.SIGTERM, svc.request_stop)
+    signal.signal(signal.SIGINT, svc.request_stop)
     try:
-        agent.start()
+        svc.start()
     except exception.CellAgentError as e:
         LOG.error("Cannot start: %s", e.message)
         return 1
     try:
-        agent.wait()
+        svc.wait()
     finally:
-        agent.stop()
+        svc.stop()
     return 0
+
+
+def main(argv=None):
+    init_threading()
+    from cellagent import service
+    return serve(service.AgentService, argv, "cellagent")
 
 
 if __name__ == "__main__":

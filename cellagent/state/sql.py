@@ -163,6 +163,35 @@ def _translate_errors(method):
     return wrapper
 
 
+def setup_sqlite(engine, busy_timeout):
+    """Connection setup of every SQLite engine of cellagent (the child's and the
+    top's stores): WAL, busy timeout, and BEGIN IMMEDIATE for writes."""
+    @sa.event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn, record):
+        # pysqlite's own BEGIN handling defers BEGIN to the first DML and
+        # commits before DDL; turn it off and emit BEGIN in on_begin.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA busy_timeout=%d" % int(busy_timeout))
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a power cut may lose the last commits but
+        # never corrupts; fsync per commit would cap us far below the
+        # message rate.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def on_begin(conn):
+        # A write takes SQLite's write lock at BEGIN: a deferred
+        # transaction that read first could not wait for it later
+        # (SQLITE_BUSY without the busy handler). Reads are single
+        # statements, each its own snapshot: they need no BEGIN.
+        # Straight to the driver, as this runs on every write.
+        if conn.get_execution_options().get("cellagent_write"):
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+
+
 class _BatchItem:
     __slots__ = ("fn", "result", "error", "done")
 
@@ -374,30 +403,7 @@ class SqlStore(base.Store):
         return "<SqlStore %s>" % self.url
 
     def _setup_sqlite(self, busy_timeout):
-        @sa.event.listens_for(self._engine, "connect")
-        def on_connect(dbapi_conn, record):
-            # pysqlite's own BEGIN handling defers BEGIN to the first DML and
-            # commits before DDL; turn it off and emit BEGIN in on_begin.
-            dbapi_conn.isolation_level = None
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA busy_timeout=%d" % int(busy_timeout))
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a power cut may lose the last commits but
-            # never corrupts; fsync per commit would cap us far below the
-            # message rate.
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @sa.event.listens_for(self._engine, "begin")
-        def on_begin(conn):
-            # A write takes SQLite's write lock at BEGIN: a deferred
-            # transaction that read first could not wait for it later
-            # (SQLITE_BUSY without the busy handler). Reads are single
-            # statements, each its own snapshot: they need no BEGIN.
-            # Straight to the driver, as this runs on every write.
-            if conn.get_execution_options().get("cellagent_write"):
-                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+        setup_sqlite(self._engine, busy_timeout)
 
     # -- transaction helpers ----------------------------------------------
 

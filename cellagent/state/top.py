@@ -65,6 +65,7 @@ from cellagent.state import base
 # NOTE: the SQLite write lock must be the very object SqlStore uses, since a
 # child's and a top's store may write one database file from one process
 # (``db sync`` does); the error translation is shared as well.
+from cellagent.state import sql
 from cellagent.state.sql import _sqlite_lock, _translate_errors
 
 LOG = logging.getLogger(__name__)
@@ -383,23 +384,7 @@ class TopStore:
         return "<TopStore %s>" % self.url
 
     def _setup_sqlite(self, busy_timeout):
-        # The same connection setup as SqlStore (see the comments there).
-        @sa.event.listens_for(self._engine, "connect")
-        def on_connect(dbapi_conn, record):
-            dbapi_conn.isolation_level = None
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA busy_timeout=%d" % int(busy_timeout))
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @sa.event.listens_for(self._engine, "begin")
-        def on_begin(conn):
-            # Writes take the write lock at BEGIN, so a read-then-write
-            # transaction (update_at_top) is atomic against other processes.
-            if conn.get_execution_options().get("cellagent_write"):
-                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+        sql.setup_sqlite(self._engine, busy_timeout)
 
     # -- transaction helpers ----------------------------------------------
 
