@@ -87,6 +87,7 @@ CELL_TAG = "cellagent:cell"
 BATCH_TAG = "cellagent:batch"
 UUID_TAG = "cellagent:instance_uuid"
 GENERATION_TAG = "cellagent:generation"
+LEASE_TAG = "cellagent:lease-until"      # Unix time; see [ec2] lease_seconds
 SLOT_PREFIX = "cellagent:instance:"      # + instance uuid = "<generation>:<launch index>"
 RESERVED_TAG_PREFIXES = ("cellagent:", "aws:")
 
@@ -301,6 +302,8 @@ class EC2Backend(base.Backend):
         self._images = {}         # snapshot image id -> clock() when created
         self._quota = None
         self._quota_at = None
+        self._lease_stop = threading.Event()
+        self._lease_thread = None
 
     # -- life cycle -------------------------------------------------------
 
@@ -335,17 +338,52 @@ class EC2Backend(base.Backend):
         self._validate_maps()
         self._vcpu_quota()
         self._observe(self._describe([self._owner_filter()]), complete=True)
+        self._start_lease()
         LOG.info("EC2 backend started in %(region)s as owner %(owner)s: %(n)d instances, "
                  "vCPU quota %(quota)d", {"region": opts.region, "owner": self.owner,
                                           "n": len(self._ledger), "quota": self._quota})
 
     def stop(self):
+        self._lease_stop.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(10)
         client, self._client = self._client, None
         for c in (client, self._quotas):
             if c is not None:
                 with contextlib.suppress(Exception):
                     c.close()
         self._quotas = None
+
+    # -- lease ---------------------------------------------------------------
+
+    def _start_lease(self):
+        if self._opts.lease_seconds <= 0:
+            return
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="ec2-lease",
+                                              daemon=True)
+        self._lease_thread.start()
+
+    def _lease_loop(self):
+        period = max(1.0, self._opts.lease_seconds / 3.0)
+        while not self._lease_stop.is_set():
+            try:
+                self.renew_lease()
+            except exception.BackendError as e:
+                LOG.warning("Lease renewal failed, retrying in %(p).0f s: %(err)s",
+                            {"p": period, "err": e.message})
+            self._lease_stop.wait(period)
+
+    def renew_lease(self, now=None):
+        """Tag every instance we own with a lease ending ``lease_seconds``
+        from now; one CreateTags per 500 instances. Returns how many."""
+        until = int((time.time() if now is None else now) + self._opts.lease_seconds)
+        with self._cond:
+            ids = sorted(b for b, (_t, state) in self._ledger.items() if state not in _GONE)
+        for start in range(0, len(ids), 500):
+            with self._translate_errors("CreateTags"):
+                self._client.create_tags(Resources=ids[start:start + 500],
+                                         Tags=[{"Key": LEASE_TAG, "Value": str(until)}])
+        return len(ids)
 
     # -- instance operations ----------------------------------------------
 
@@ -1425,3 +1463,29 @@ def _decode_console(raw):
     except (binascii.Error, ValueError):
         return raw
     return data.decode("utf-8", errors="replace")
+
+
+def expired_leases(client, now=None, owner=None):
+    """Instances whose ``cellagent:lease-until`` is in the past (the watchdog).
+
+    ``owner`` limits it to one cell's instances. Instances without the tag,
+    or already shutting down, are not listed.
+    """
+    now = time.time() if now is None else now
+    filters = [{"Name": "tag-key", "Values": [LEASE_TAG]},
+               {"Name": "instance-state-name",
+                "Values": ["pending", "running", "stopping", "stopped"]}]
+    if owner:
+        filters.append({"Name": "tag:" + OWNER_TAG, "Values": [owner]})
+    out = []
+    for page in client.get_paginator("describe_instances").paginate(Filters=filters):
+        for res in page["Reservations"]:
+            for inst in res["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+                try:
+                    until = float(tags.get(LEASE_TAG, ""))
+                except ValueError:
+                    continue
+                if until < now:
+                    out.append((inst["InstanceId"], tags.get(OWNER_TAG, ""), until))
+    return out

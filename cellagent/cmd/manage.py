@@ -76,6 +76,19 @@ def _add_commands(subparsers):
         cell_sub.add_parser(action, help=text).add_argument(
             "cell_name", metavar="NAME", help="the cell's name")
     _add_vpn_commands(subparsers)
+    ec2 = subparsers.add_parser("ec2", help="EC2 housekeeping")
+    ec2_sub = ec2.add_subparsers(dest="action")
+    ec2_sub.required = True
+    watchdog = ec2_sub.add_parser(
+        "watchdog", help="terminate instances whose agent lease ran out ([ec2] lease_seconds)")
+    watchdog.add_argument("--owner", dest="ec2_owner",
+                          help="only this cell's instances (its cellagent:owner tag)")
+    watchdog.add_argument("--dry-run", dest="ec2_dry_run", action="store_true",
+                          help="list what would be terminated, terminate nothing")
+    watchdog.add_argument("--region", dest="vpn_region",
+                          help="AWS region; default [ec2] region, then boto3's")
+    watchdog.add_argument("--endpoint-url", dest="vpn_endpoint_url", metavar="URL",
+                          help="EC2 endpoint; default [ec2] endpoint_url, then AWS")
 
 
 # NOTE: every dest starts with "cell_": oslo.config refuses a sub-command
@@ -179,6 +192,8 @@ def main(argv=None):
             return _cell(conf, action)
         if cmd == "vpn":
             return _vpn(conf, action)
+        if cmd == "ec2":
+            return _ec2_watchdog(conf)
     except exception.CellAgentError as e:
         print("cellagent-manage: %s" % e.message, file=sys.stderr)
         return 1
@@ -473,6 +488,32 @@ def _vpn(conf, action):
     done = provisioner.delete()
     for line in done or ["nothing to delete"]:
         print("vpn %s: %s" % (args.vpn_name, line))
+    return 0
+
+
+def _ec2_watchdog(conf):
+    """Terminate the instances of dead agents: their lease tag ran out."""
+    import datetime
+
+    from cellagent import exception
+    from cellagent.backends import ec2 as ec2_backend
+    args = conf.command
+    client = _ec2_client(conf, args)
+    try:
+        expired = ec2_backend.expired_leases(client, owner=args.ec2_owner)
+        for instance_id, owner, until in expired:
+            when = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
+            print("%s %s (owner %s, lease ended %s)" % (
+                "would terminate" if args.ec2_dry_run else "terminating", instance_id,
+                owner or "-", when.strftime("%Y-%m-%dT%H:%M:%SZ")))
+        if expired and not args.ec2_dry_run:
+            ids = [i for i, _o, _u in expired]
+            for start in range(0, len(ids), 500):
+                client.terminate_instances(InstanceIds=ids[start:start + 500])
+    except Exception as e:  # noqa: B902 - botocore's errors, in one line
+        raise exception.BackendError(backend="ec2", reason=str(e))
+    if not expired:
+        print("no expired lease")
     return 0
 
 

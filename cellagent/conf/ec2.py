@@ -341,6 +341,24 @@ Related options:
 * ``max_vcpus``, ``endpoint_url``
 """),
     cfg.IntOpt(
+        "lease_seconds",
+        default=0,
+        min=0,
+        help="""
+Length of the lease the agent keeps on its instances (0: no lease).
+
+When set, the agent tags every instance it owns with ``cellagent:lease-until``
+(a Unix time) and renews the tag every third of the lease, in one CreateTags
+per 500 instances. ``cellagent-manage ec2 watchdog``, run from anywhere with
+EC2 access (cron, another host), terminates instances whose lease ran out:
+the instances of an agent that died and did not come back. An instance
+without the tag is never touched.
+
+Possible values:
+
+* 0 (no lease) or the lease length in seconds, e.g. 3600
+"""),
+    cfg.IntOpt(
         "ice_ttl",
         default=300,
         min=0,

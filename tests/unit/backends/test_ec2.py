@@ -872,3 +872,42 @@ class TestThroughTheAgent:
             assert len(ec2_harness.admin_instances(OWNER)) == 2
         finally:
             harness.stop()
+
+
+class TestLease:
+    def test_lease_tags_and_the_watchdog(self, aws, tmp_path, capsys):
+        backend, h = started(aws, lease_seconds=300)
+        infos = spawn_many(backend, [request() for _ in range(3)], workers=3)
+        now = time.time()
+        assert backend.renew_lease(now) == 3
+        assert h.calls["CreateTags"] == 1                 # one call for all of them
+        client = ec2_harness.admin_client()
+        assert ec2.expired_leases(client, now=now + 10, owner=OWNER) == []
+        expired = ec2.expired_leases(client, now=now + 301, owner=OWNER)
+        assert sorted(i for i, _o, _u in expired) == sorted(i.backend_id for i in infos)
+        assert ec2.expired_leases(client, now=now + 301, owner="another-cell") == []
+
+        # The watchdog command: nothing has expired yet, so nothing goes.
+        from cellagent.cmd import manage
+        conf_file = tmp_path / "manage.conf"
+        conf_file.write_text("[DEFAULT]\nstate_path = %s\n[ec2]\nregion = us-east-1\n"
+                             % tmp_path)
+        assert manage.main(["--config-file", str(conf_file), "ec2", "watchdog",
+                            "--owner", OWNER]) == 0
+        assert "no expired lease" in capsys.readouterr().out
+        assert len(ec2_harness.admin_instances(OWNER)) == 3
+        # The agent died: its lease ran out (renewed into the past here).
+        backend.renew_lease(now - 400)
+        assert manage.main(["--config-file", str(conf_file), "ec2", "watchdog",
+                            "--owner", OWNER, "--dry-run"]) == 0
+        assert capsys.readouterr().out.count("would terminate") == 3
+        assert manage.main(["--config-file", str(conf_file), "ec2", "watchdog",
+                            "--owner", OWNER]) == 0
+        assert capsys.readouterr().out.count("terminating") == 3
+        assert ec2_harness.admin_instances(OWNER) == []
+        backend.stop()
+
+    def test_no_lease_no_thread(self, aws):
+        backend, h = started(aws)
+        assert backend._lease_thread is None
+        backend.stop()
