@@ -286,6 +286,12 @@ class TopManager:
                     continue
                 fields["flavor"] = {k: fdata.get(k) for k in (
                     "name", "memory_mb", "vcpus", "root_gb", "ephemeral_gb", "flavorid")}
+            elif key == "system_metadata" and isinstance(data.get(key), dict):
+                for meta, value in data[key].items():
+                    if meta.startswith("cellagent_snapshot:"):
+                        LOG.info("[instance: %(uuid)s] Snapshot %(image)s is image %(p)s in "
+                                 "cell %(cell)s", {"uuid": uuid, "cell": self._child_of(msg),
+                                                   "image": meta.split(":", 1)[1], "p": value})
             elif key == "info_cache" and data.get(key) is not None:
                 addresses = addresses_from_info_cache(data[key])
                 if addresses is not None:
@@ -678,6 +684,49 @@ class TopManager:
     def start_server(self, server):
         return self._action(server, "start_instance", _ACTION_TASK_STATE["start"], {})
 
+    # The other stock actions, routed like reboot: (cells method, task_state).
+    ACTIONS = {
+        "pause": ("pause_instance", "pausing"),
+        "unpause": ("unpause_instance", "unpausing"),
+        "suspend": ("suspend_instance", "suspending"),
+        "resume": ("resume_instance", "resuming"),
+        "resize": ("resize_instance", "resize_prep"),
+        "resize-confirm": ("confirm_resize", None),
+        "resize-revert": ("revert_resize", "resize_reverting"),
+        "rebuild": ("rebuild_instance", "rebuilding"),
+        "snapshot": ("snapshot_instance", "image_snapshot_pending"),
+    }
+
+    def server_action(self, server, action, flavor=None, image=None, name=None):
+        """pause, unpause, suspend, resume, resize (``flavor``), resize-confirm,
+        resize-revert, rebuild (``image``, default the current one), snapshot."""
+        if action not in self.ACTIONS:
+            raise exception.InvalidRequest(reason="unknown action %s (known: %s)" % (
+                action, ", ".join(sorted(self.ACTIONS))))
+        method, task_state = self.ACTIONS[action]
+        kwargs = {}
+        if action == "resize":
+            if flavor not in self.flavors:
+                raise exception.InvalidRequest(reason="unknown flavor %s (known: %s)" % (
+                    flavor, ", ".join(sorted(self.flavors))))
+            fl = self.flavors[flavor]
+            kwargs = {"flavor": {"flavorid": fl.flavorid or fl.name, "name": fl.name},
+                      "extra_instance_updates": {}, "clean_shutdown": True}
+        elif action == "rebuild":
+            inst = self.find(server)
+            kwargs = {"image_href": image or inst.image_ref, "admin_password": None,
+                      "files_to_inject": [], "preserve_ephemeral": False, "kwargs": {}}
+        elif action == "snapshot":
+            kwargs = {"image_id": name or str(uuidlib.uuid4())}
+        inst = self._action(server, method, task_state, kwargs)
+        if action == "resize":
+            self.store.update_instance(inst.uuid, flavor={
+                "name": fl.name, "memory_mb": fl.memory_mb, "vcpus": fl.vcpus,
+                "root_gb": fl.root_gb, "ephemeral_gb": fl.ephemeral_gb,
+                "flavorid": fl.flavorid})
+            inst = self.store.get_instance(inst.uuid)
+        return inst
+
     def console_log(self, server, length=None):
         inst = self.find(server)
         if not inst.cell_name:
@@ -801,6 +850,10 @@ class TopAPI:
 
     def server_start(self, ctxt, server):
         return self._m.server_dict(self._m.start_server(server))
+
+    def server_action(self, ctxt, server, action, flavor=None, image=None, name=None):
+        return self._m.server_dict(self._m.server_action(server, action, flavor=flavor,
+                                                         image=image, name=name))
 
     def server_console_log(self, ctxt, server, length=None):
         return self._m.console_log(server, length)

@@ -391,6 +391,21 @@ def build_parser():
     reboot.add_argument("--hard", action="store_true", help="hard reboot (power cycle)")
     server.add_parser("stop", help="stop (power off) a server").add_argument("server")
     server.add_parser("start", help="start a stopped server").add_argument("server")
+    for action, text in (("pause", "pause a server"), ("unpause", "unpause a server"),
+                         ("suspend", "suspend a server"), ("resume", "resume a server"),
+                         ("resize-confirm", "keep a resized server's new size"),
+                         ("resize-revert", "go back to the size before the resize")):
+        server.add_parser(action, help=text).add_argument("server")
+    resize = server.add_parser("resize", help="change a server's flavor (then confirm "
+                                              "or revert)")
+    resize.add_argument("server")
+    resize.add_argument("--flavor", required=True, metavar="F", help="new flavor name")
+    rebuild = server.add_parser("rebuild", help="rebuild a server from an image")
+    rebuild.add_argument("server")
+    rebuild.add_argument("--image", metavar="I", help="default: the server's image")
+    snapshot = server.add_parser("snapshot", help="image a server's disk")
+    snapshot.add_argument("server")
+    snapshot.add_argument("--name", metavar="N", help="the snapshot's name")
     console = server.add_parser("console-log", help="print a server's console output")
     console.add_argument("server")
     console.add_argument("--length", type=_positive_int, metavar="N", help="last N lines")
@@ -633,6 +648,12 @@ def run(args, client, out):
              format_servers)
     elif action in ("stop", "start"):
         emit([client.call("server_" + action, server=args.server)], format_servers)
+    elif action in ("pause", "unpause", "suspend", "resume", "resize-confirm",
+                    "resize-revert", "resize", "rebuild", "snapshot"):
+        emit([client.call("server_action", server=args.server, action=action,
+                          flavor=getattr(args, "flavor", None),
+                          image=getattr(args, "image", None),
+                          name=getattr(args, "name", None))], format_servers)
     elif action == "console-log":
         text = client.call("server_console_log", server=args.server, length=args.length)
         if args.format == "json":

@@ -267,6 +267,12 @@ def test_parse_defaults():
     (["server", "start", "web-1"], {"server": "web-1", "action": "start"}),
     (["server", "console-log", "web-1", "--length", "20"], {"server": "web-1", "length": 20}),
     (["server", "console-log", "web-1"], {"length": None}),
+    (["server", "pause", "web-1"], {"server": "web-1", "action": "pause"}),
+    (["server", "resize", "web-1", "--flavor", "m1.large"],
+     {"server": "web-1", "action": "resize", "flavor": "m1.large"}),
+    (["server", "resize-revert", "web-1"], {"action": "resize-revert"}),
+    (["server", "rebuild", "web-1"], {"action": "rebuild", "image": None}),
+    (["server", "snapshot", "web-1", "--name", "s1"], {"action": "snapshot", "name": "s1"}),
     (["cell", "list"], {"command": "cell", "action": "list"}),
     (["cell", "show", "aws-east"], {"name": "aws-east"}),
 ])

@@ -353,6 +353,29 @@ class TestDelivery:
         assert c.children["private"].backend.list_instances() == []
 
 
+def test_other_actions_are_routed_too(cloud, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="cellagent.top")
+    c = cloud(children=("private",)).start()
+    c.reported("private")
+    (row,) = c.manager.create_servers("b", "m1.small", "cirros")
+    c.wait_state(row.uuid, "active")
+    c.manager.server_action("b", "pause")
+    c.wait_state(row.uuid, "paused")
+    c.manager.server_action("b", "unpause")
+    c.wait_state(row.uuid, "active")
+    c.manager.server_action("b", "resize", flavor="m1.medium")
+    c.wait_state(row.uuid, "resized")
+    assert c.server(row.uuid)["flavor"] == "m1.medium"
+    c.manager.server_action("b", "resize-confirm")
+    c.wait_state(row.uuid, "active")
+    assert c.manager.store.get_instance(row.uuid).flavor["memory_mb"] == 4096
+    c.manager.server_action("b", "snapshot", name="img-b")
+    wait_for(lambda: "Snapshot img-b is image fake-img-" in caplog.text)
+    with pytest.raises(exception.InvalidRequest, match="unknown action"):
+        c.manager.server_action("b", "levitate")
+
+
 def test_demo_bursts_and_writes_its_plot(tmp_path):
     import io
 
