@@ -873,6 +873,41 @@ class TestThroughTheAgent:
         finally:
             harness.stop()
 
+    def test_reconciler_on_ec2(self, aws, tmp_path):
+        from tests.unit import helpers
+        harness = helpers.CellHarness(tmp_path, driver="ec2",
+                                      backend_opts={"reconcile_interval": 0})
+        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
+                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
+                                image_map={"cirros": aws}).items():
+            harness.conf.set_override(name, value, group="ec2")
+        harness.start()
+        try:
+            uuids = harness.build(count=2)
+            agent = harness.agent
+            agent.reconciler.orphan_grace = 0
+            # An orphan: tagged as this cell's, but no record of it.
+            orphan = agent.backend.spawn(request())
+            # Stopped behind our back: drift.
+            rec = agent.store.get_instance(uuids[0])
+            admin = ec2_harness.admin_client()
+            admin.stop_instances(InstanceIds=[rec.backend_id])
+            # Terminated behind our back: vanished.
+            gone = agent.store.get_instance(uuids[1])
+            admin.terminate_instances(InstanceIds=[gone.backend_id])
+            figures = agent.reconciler.run_once()
+            assert (figures["terminated"], figures["vanished"]) == (1, 1), figures
+            if not figures["drifted"]:              # moto: stopping, then stopped
+                figures = agent.reconciler.run_once()
+                assert figures["drifted"] == 1, figures
+            harness.wait_state(uuids[0], vm_state="stopped", task_state=None)
+            wait_for(lambda: uuids[1] not in harness.parent.view.instances, timeout=10)
+            states = {i["InstanceId"]: i["State"]["Name"]
+                      for i in ec2_harness.admin_instances(OWNER, include_terminated=True)}
+            assert states[orphan.backend_id] in ("shutting-down", "terminated")
+        finally:
+            harness.stop()
+
 
 class TestLease:
     def test_lease_tags_and_the_watchdog(self, aws, tmp_path, capsys):
