@@ -925,8 +925,9 @@ class TestLease:
         # The watchdog command: nothing has expired yet, so nothing goes.
         from cellagent.cmd import manage
         conf_file = tmp_path / "manage.conf"
-        conf_file.write_text("[DEFAULT]\nstate_path = %s\n[ec2]\nregion = us-east-1\n"
-                             % tmp_path)
+        # A log file, not stderr: oslo.log's handlers outlive this test.
+        conf_file.write_text("[DEFAULT]\nstate_path = %s\nlog_file = %s\nuse_stderr = false\n"
+                             "[ec2]\nregion = us-east-1\n" % (tmp_path, tmp_path / "m.log"))
         assert manage.main(["--config-file", str(conf_file), "ec2", "watchdog",
                             "--owner", OWNER]) == 0
         assert "no expired lease" in capsys.readouterr().out
