@@ -21,6 +21,7 @@ from cellagent.backends import load_backend
 from cellagent.backends import openstack
 from cellagent.conf import backend as backend_conf
 from cellagent.conf import openstack as openstack_conf
+from cellagent.objects import BuildRequest
 from cellagent.objects import Flavor
 from cellagent.objects import InstanceRef
 from cellagent.objects import InstanceState
@@ -344,3 +345,51 @@ def test_requests_per_instance(nova_peer, backend):
         ticks += 1
         wait_for(lambda: True, 0.2)
     assert sum(nova_peer.stats().values()) == ticks + 1
+
+
+def test_reconciler_on_openstack(nova_peer, tmp_path):
+    """Orphans deleted, out-of-band deletes reported, out-of-band stops reported."""
+    import time as time_mod
+
+    from tests.unit import helpers
+    harness = helpers.CellHarness(tmp_path, driver="openstack",
+                                  backend_opts={"reconcile_interval": 0},
+                                  fake_opts=None)
+    owner = "recon-%s" % uuid.uuid4().hex[:8]
+    settings = dict(nova_peer.auth, owner=owner, image_map={"cirros": "cirros"},
+                    flavor_map={"m1.small": "m1.tiny"}, lost_create_grace=0)
+    for key, value in settings.items():
+        harness.conf.set_override(key, value, group="openstack")
+    harness.start()
+    nova = admin_nova(nova_peer)
+    try:
+        uuids = harness.build(count=2)
+        agent = harness.agent
+        agent.reconciler.orphan_grace = 0
+        orphan = agent.backend.spawn(BuildRequest(
+            instance_uuid=str(uuid.uuid4()), name="orphan", flavor=TINY,
+            image={"id": "cirros", "name": "cirros"},
+            launch_token="orphan-1"))
+        stopped = agent.store.get_instance(uuids[0]).backend_id
+        nova.servers.stop(stopped)
+        gone = agent.store.get_instance(uuids[1]).backend_id
+        nova.servers.delete(gone)
+        deadline = time_mod.monotonic() + 60
+        totals = dict.fromkeys(("terminated", "vanished", "drifted"), 0)
+        while time_mod.monotonic() < deadline and totals != {
+                "terminated": 1, "vanished": 1, "drifted": 1}:
+            figures = agent.reconciler.run_once()
+            for key in totals:
+                totals[key] += figures[key]
+            time_mod.sleep(0.5)
+        assert totals == {"terminated": 1, "vanished": 1, "drifted": 1}
+        harness.wait_state(uuids[0], vm_state="stopped", task_state=None, timeout=20)
+        helpers.wait_for(lambda: uuids[1] not in harness.parent.view.instances, 20)
+        helpers.wait_for(lambda: orphan.backend_id not in {
+            s.id for s in nova.servers.list(search_opts={"name": "cellagent-"})}, 60,
+            what="the orphan deleted")
+    finally:
+        harness.stop()
+        for server in nova.servers.list(search_opts={"name": "cellagent-"}):
+            if server.metadata.get("cellagent_owner") == owner:
+                server.delete()
