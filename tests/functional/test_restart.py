@@ -42,5 +42,7 @@ def test_sigkill_mid_builds_then_restart_builds_each_once(parent, agent_factory)
     assert set(creates) == set(uuids)
     assert set(creates.values()) == {1}, {u: n for u, n in creates.items() if n != 1}
     assert sorted(i["instance_uuid"] for i in cloud["instances"]) == sorted(uuids)
-    assert "Replaying" in agent.log()
+    # Usually some journaled builds were unfinished at the kill and are
+    # replayed ("Replaying" in the log); a kill between two bursts leaves
+    # none, and the broker redelivers the rest. Either way: once each.
     assert agent.terminate() == 0

