@@ -22,12 +22,12 @@ ends with ``instance_destroy_at_top``.
 
 import contextlib
 import datetime
-import json
 import logging
 import threading
 import time
 
 from cellagent import exception
+from cellagent import jsonutils
 from cellagent.objects import (BuildRequest, Flavor, InstanceRecord, InstanceRef,
                                InstanceState, JournalStatus, PowerState, RebootKind,
                                TaskState, VmState)
@@ -85,13 +85,13 @@ def scrub(msg):
             for key in SECRET_KWARGS:
                 if holder.get(key):
                     holder[key] = "***"
-    return json.dumps(data)
+    return jsonutils.dumps(data)
 
 
 def message_from_payload(payload, entry_id="?"):
     """Rebuild the Message stored by ``scrub`` (no routing extension)."""
     try:
-        data = json.loads(payload)
+        data = jsonutils.loads(payload)
         return intercell.Message(**{k: data.get(k) for k in (
             "message_type", "ctxt", "method_name", "method_kwargs", "direction",
             "routing_path", "hop_count", "max_hop_count", "need_response", "fanout",
@@ -159,12 +159,10 @@ class Job:
                 return
             status = JournalStatus.FAILED if self._errors else JournalStatus.DONE
             error = "; ".join(self._errors)
-        try:
-            # The claims finished by this message go in the same write.
-            self._store.finish_request(self.entry_id, status, error, self._operations)
-        except exception.StateError as e:
-            LOG.error("Could not finish journal entry %(id)s: %(err)s",
-                      {"id": self.entry_id, "err": e.message})
+        # The claims finished by this message go in the same write. Not
+        # waited for: this runs on a publisher's confirm thread, and a crash
+        # before the write replays the entry (its claims make that a no-op).
+        self._store.finish_request_later(self.entry_id, status, error, self._operations)
 
 
 class Intake:
@@ -482,19 +480,18 @@ class CellManager:
         confirm futures.
         """
         with self._lock(rec.instance_uuid):
-            if persist:
-                fresh = self.store.get_instance(rec.instance_uuid)
-                if fresh is not None:
-                    rec.instance = fresh.instance
-            data = dict(rec.instance)
-            data.update(fields)
-            data["uuid"] = rec.instance_uuid
-            rec.instance = data
             for name in ("vm_state", "task_state", "power_state"):
                 if name in fields:
                     setattr(rec, name, fields[name])
+            fields["uuid"] = rec.instance_uuid
             if persist:
-                self.store.put_instance(rec)
+                # Over the stored dict: instance_update_from_api may have
+                # changed it since this record was read.
+                data = self.store.report_instance(rec, fields)
+            else:
+                data = dict(rec.instance)
+                data.update(fields)
+                rec.instance = data
         prim = intercell.obj_primitive("Instance", data, changes)
         return self.parent.instance_update_at_top(prim, ctxt)
 
@@ -789,7 +786,7 @@ class CellManager:
         cache = intercell.obj_primitive(
             "InstanceInfoCache",
             {"instance_uuid": rec.instance_uuid,
-             "network_info": json.dumps([vif] if ips else [])},
+             "network_info": jsonutils.dumps([vif] if ips else [])},
             ["network_info"])
         return {"access_ip_v4": access, "info_cache": cache}
 

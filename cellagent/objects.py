@@ -167,7 +167,12 @@ class Flavor:
                    extra_specs=dict(data.get("extra_specs") or {}))
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        # dataclasses.asdict deep-copies field by field; this runs for
+        # every build (issue 3 benchmark).
+        return {"name": self.name, "memory_mb": self.memory_mb, "vcpus": self.vcpus,
+                "root_gb": self.root_gb, "ephemeral_gb": self.ephemeral_gb,
+                "flavorid": self.flavorid, "swap": self.swap,
+                "extra_specs": dict(self.extra_specs)}
 
 
 @dataclasses.dataclass

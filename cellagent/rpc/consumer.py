@@ -37,7 +37,6 @@ RPC servers (``supported``).
 """
 
 import concurrent.futures
-import json
 import logging
 import socket
 import threading
@@ -49,6 +48,7 @@ from kombu import compression
 from oslo_config import cfg
 
 from cellagent import exception
+from cellagent import jsonutils
 from cellagent.rpc import intercell
 from cellagent.rpc import transport as transport_mod
 
@@ -123,10 +123,10 @@ def cells_message(body, headers=None):
         except Exception as e:  # noqa: B902 - any codec failure is a bad body
             raise exception.MalformedMessage(reason="cannot decompress: %s" % e)
     try:
-        envelope = json.loads(body)
+        envelope = jsonutils.loads(body)
         rpc = envelope
         if isinstance(envelope, dict) and "oslo.message" in envelope:
-            rpc = json.loads(envelope["oslo.message"])
+            rpc = jsonutils.loads(envelope["oslo.message"])
         version = rpc.get("version", intercell.RPC_VERSION)
         if rpc.get("method") != intercell.RPC_METHOD:
             raise exception.MalformedMessage(reason="method is %r" % (rpc.get("method"),))

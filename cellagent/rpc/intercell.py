@@ -12,12 +12,12 @@ Nothing here does I/O or reads configuration.
 
 import dataclasses
 import datetime
-import json
 import re
 import traceback
 import uuid as uuidlib
 
 from cellagent import exception
+from cellagent import jsonutils
 
 MESSAGE_TYPES = ("targeted", "broadcast", "response")
 DIRECTIONS = ("up", "down")
@@ -178,7 +178,7 @@ class Message:
         return out
 
     def to_json(self):
-        return json.dumps(self.to_dict())
+        return jsonutils.dumps(self.to_dict())
 
     @property
     def is_local_target(self):
@@ -233,7 +233,7 @@ def decode(text, our_name, default_max_hop_count=10):
         raise exception.MalformedMessage(
             reason="message argument is %s, not a JSON string" % type(text).__name__)
     try:
-        data = json.loads(text)
+        data = jsonutils.loads(text)
     except (ValueError, RecursionError) as e:
         raise exception.MalformedMessage(reason="invalid JSON: %s" % e)
     if not isinstance(data, dict):
@@ -331,14 +331,14 @@ class Response:
     def to_json(self):
         value = self.value
         if self.failure:
-            value = json.dumps(value) if not isinstance(value, str) else value
-        return json.dumps({"cell_name": self.cell_name, "value": value,
+            value = jsonutils.dumps(value) if not isinstance(value, str) else value
+        return jsonutils.dumps({"cell_name": self.cell_name, "value": value,
                            "failure": self.failure})
 
     @classmethod
     def from_json(cls, text):
         try:
-            data = json.loads(text)
+            data = jsonutils.loads(text)
             return cls(cell_name=data["cell_name"], value=data.get("value"),
                        failure=bool(data.get("failure")))
         except (TypeError, ValueError, KeyError) as e:
@@ -353,7 +353,7 @@ class Response:
         if not self.failure:
             return None
         try:
-            return json.loads(self.value) if isinstance(self.value, str) else self.value
+            return jsonutils.loads(self.value) if isinstance(self.value, str) else self.value
         except ValueError:
             return {"class": "RemoteError", "module": "", "message": str(self.value)}
 
@@ -427,16 +427,16 @@ def rpc_dict(msg, unique_id=None):
 def envelope(msg, unique_id=None):
     """The AMQP body of one cast carrying ``msg``."""
     return {"oslo.version": ENVELOPE_VERSION,
-            "oslo.message": json.dumps(rpc_dict(msg, unique_id))}
+            "oslo.message": jsonutils.dumps(rpc_dict(msg, unique_id))}
 
 
 def unwrap_envelope(body):
     """The cells message JSON string inside an AMQP body (dict or JSON text)."""
     try:
         if isinstance(body, (bytes, str)):
-            body = json.loads(body)
+            body = jsonutils.loads(body)
         if "oslo.message" in body:
-            body = json.loads(body["oslo.message"])
+            body = jsonutils.loads(body["oslo.message"])
         if body.get("method") != RPC_METHOD:
             raise exception.MalformedMessage(reason="method is %r" % body.get("method"))
         return body["args"]["message"]

@@ -65,9 +65,13 @@ import abc
 import dataclasses
 import datetime
 import enum
-import json
+import logging
 
+from cellagent import exception
+from cellagent import jsonutils
 from cellagent import objects
+
+LOG = logging.getLogger(__name__)
 
 # The schema version this code reads and writes. An implementation without a
 # schema (MemoryStore) reports it as already current.
@@ -289,6 +293,40 @@ class Store(abc.ABC):
         :returns: the stored ``InstanceRecord``, timestamps filled in.
         """
 
+    def report_instance(self, record, fields):
+        """Store ``record`` with the stored instance dict updated by ``fields``.
+
+        The instance dict (``record.instance``) of a record being reported
+        may be stale: ``instance_update_from_api`` and other writers change
+        the stored one. This reads the stored dict, applies ``fields`` to
+        it, sets the result as ``record.instance`` and stores ``record``
+        whole, as ``put_instance`` does; with no stored record,
+        ``record.instance`` itself is updated. A store with transactions
+        reads and writes in one (a build's settled record is one write).
+
+        :returns: the new instance dict (also ``record.instance``).
+        """
+        fresh = self.get_instance(record.instance_uuid)
+        data = dict(fresh.instance if fresh is not None else record.instance)
+        data.update(fields)
+        record.instance = data
+        self.put_instance(record)
+        return data
+
+    def finish_request_later(self, entry_id, status, error="", operations=()):
+        """``finish_request``, possibly returning before the write is done.
+
+        For callers that would only log a failure: a failure is logged here
+        instead, and the entry then stays unfinished (replayed at the next
+        start, where its finished claims make the replay a no-op). The
+        default writes at once.
+        """
+        try:
+            self.finish_request(entry_id, status, error, operations)
+        except exception.StateError as e:
+            LOG.error("Could not finish journal entry %(id)s: %(err)s",
+                      {"id": entry_id, "err": e.message})
+
     @abc.abstractmethod
     def add_instance(self, record):
         """Insert a record unless the instance already has one.
@@ -410,15 +448,15 @@ def instance_values(fields):
         values["state"] = objects.InstanceState(values["state"]).value
     for name in _JSON_FIELDS:
         if name in values:
-            values[name] = json.dumps(values[name], default=_json_default)
+            values[name] = jsonutils.dumps(values[name], default=_json_default)
     if "deleted" in values:
         values["deleted"] = bool(values["deleted"])
     return values
 
 
-def record_values(record):
-    """All stored column values of an InstanceRecord but the timestamps."""
-    fields = {name: getattr(record, name) for name in UPDATABLE_FIELDS}
+def record_values(record, skip=()):
+    """All stored column values of an InstanceRecord but the timestamps (and ``skip``)."""
+    fields = {name: getattr(record, name) for name in UPDATABLE_FIELDS if name not in skip}
     values = instance_values(fields)
     values["instance_uuid"] = record.instance_uuid
     return values
@@ -429,7 +467,7 @@ def to_record(row):
     values = dict(row)
     values["state"] = objects.InstanceState(values["state"])
     for name in _JSON_FIELDS:
-        values[name] = json.loads(values[name]) if values[name] else _JSON_FIELDS[name]()
+        values[name] = jsonutils.loads(values[name]) if values[name] else _JSON_FIELDS[name]()
     values["deleted"] = bool(values["deleted"])
     return objects.InstanceRecord(**values)
 

@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import zlib
 
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from cellagent import exception
+from cellagent import jsonutils
 from cellagent import objects
 from cellagent.state import base
 from cellagent.state.base import SCHEMA_VERSION
@@ -194,13 +196,15 @@ def setup_sqlite(engine, busy_timeout):
 
 
 class _BatchItem:
-    __slots__ = ("fn", "result", "error", "done")
+    __slots__ = ("fn", "result", "error", "done", "on_error")
 
-    def __init__(self, fn):
+    def __init__(self, fn, on_error=None):
         self.fn = fn
         self.result = None
         self.error = None
-        self.done = threading.Event()
+        # Nobody waits for an item with ``on_error``: it gets the failure.
+        self.on_error = on_error
+        self.done = threading.Event() if on_error is None else None
 
 
 class _Batch:
@@ -333,6 +337,27 @@ _RAW_UPSERT_INSTANCE = "INSERT INTO instances (%s) VALUES (%s) ON CONFLICT (inst
                   if c not in ("instance_uuid", "created_at")))
 
 
+_RAW_SELECT_INSTANCE_DICT = "SELECT instance FROM instances WHERE instance_uuid = ?"
+_RAW_PUT_INSTANCE = "INSERT INTO instances (%s) VALUES (%s) ON CONFLICT (instance_uuid) " \
+    "DO UPDATE SET %s" % (
+        ", ".join(_INSTANCE_COLUMNS), ", ".join("?" for _ in _INSTANCE_COLUMNS),
+        ", ".join("%s = excluded.%s" % (c, c) for c in _INSTANCE_COLUMNS
+                  if c not in ("instance_uuid", "created_at")))
+_SELECT_INSTANCE_DICT_FOR_UPDATE = (
+    sa.select(INSTANCES.c.instance).where(INSTANCES.c.instance_uuid == sa.bindparam("b_uuid"))
+    .with_for_update())
+
+
+def _driver(conn):
+    """The sqlite3 connection under a SQLAlchemy one, for the hot statements.
+
+    Inside the transaction SQLAlchemy opened (``setup_sqlite`` emits the
+    BEGIN on this very connection); errors are sqlite3's own, which
+    ``_translate_errors`` and the writer handle as they do SQLAlchemy's.
+    """
+    return conn.connection.driver_connection
+
+
 def _sqlite_time(value):
     """A naive datetime as SQLAlchemy's SQLite DateTime stores it."""
     return value.isoformat(" ", "microseconds")
@@ -450,8 +475,8 @@ class SqlStore(base.Store):
             try:
                 with self._writer.begin():
                     yield self._writer
-            except sa_exc.DBAPIError as exc:
-                if not isinstance(exc, sa_exc.IntegrityError):
+            except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+                if not isinstance(exc, (sa_exc.IntegrityError, sqlite3.IntegrityError)):
                     # Start the next write on a fresh connection.
                     self._writer.close()
                     self._writer = None
@@ -470,7 +495,7 @@ class SqlStore(base.Store):
             self._writer = conn
         return self._writer
 
-    def _batched(self, fn):
+    def _batched(self, fn, on_error=None):
         """Run ``fn(conn)`` in a write transaction; returns what it returns.
 
         On SQLite, writes from every thread go to one writer thread that
@@ -480,6 +505,10 @@ class SqlStore(base.Store):
         write. ``fn`` must leave the transaction usable when it fails: on
         SQLite a failed statement (a unique conflict) undoes only itself.
         PostgreSQL keeps one transaction per call.
+
+        With ``on_error`` (SQLite's writer thread only) the call returns at
+        once, with None: the write is done with the next group commit, and
+        a failure goes to ``on_error(exc)`` on the writer thread.
         """
         scope = getattr(self._local, "batch", None)
         if scope is not None:
@@ -487,7 +516,7 @@ class SqlStore(base.Store):
                 return fn(scope.connection())
             except exception.CellAgentError:
                 raise
-            except sa_exc.IntegrityError as exc:
+            except (sa_exc.IntegrityError, sqlite3.IntegrityError) as exc:
                 # SQLite undoes only the failed statement; PostgreSQL aborts
                 # the transaction.
                 if self._write_lock is None:
@@ -506,8 +535,10 @@ class SqlStore(base.Store):
                     self._batch_thread = threading.Thread(
                         target=self._batch_loop, name="sqlite-writer", daemon=True)
                     self._batch_thread.start()
-        item = _BatchItem(fn)
+        item = _BatchItem(fn, on_error)
         self._batch_queue.put(item)
+        if on_error is not None:
+            return None
         item.done.wait()
         if item.error is not None:
             raise item.error
@@ -531,7 +562,8 @@ class SqlStore(base.Store):
                     for item in items:
                         try:
                             item.result = item.fn(conn)
-                        except (sa_exc.IntegrityError, exception.CellAgentError) as exc:
+                        except (sa_exc.IntegrityError, sqlite3.IntegrityError,
+                                exception.CellAgentError) as exc:
                             item.error = exc      # this statement only
             except Exception:  # noqa: B902 - the batch failed: redo each alone
                 for item in items:
@@ -542,7 +574,13 @@ class SqlStore(base.Store):
                     except Exception as exc:  # noqa: B902 - handed to the caller
                         item.error = exc
             for item in items:
-                item.done.set()
+                if item.done is not None:
+                    item.done.set()
+                elif item.error is not None:
+                    try:
+                        item.on_error(item.error)
+                    except Exception:  # noqa: B902 - the writer must go on
+                        LOG.exception("Reporting a failed write failed")
             if stop:
                 return
 
@@ -663,11 +701,11 @@ class SqlStore(base.Store):
         def insert(conn):
             if self._is_sqlite:
                 try:
-                    return conn.exec_driver_sql(_RAW_INSERT_REQUEST, (
+                    return _driver(conn).execute(_RAW_INSERT_REQUEST, (
                         msg_uuid, method, instance_uuid, payload, values["status"],
                         values["attempts"], "", _sqlite_time(now), _sqlite_time(now))
                     ).lastrowid
-                except sa_exc.IntegrityError:
+                except sqlite3.IntegrityError:
                     result = False
             else:
                 result = self._insert_unique(conn, _INSERT_REQUEST, values)
@@ -700,6 +738,9 @@ class SqlStore(base.Store):
     @_translate_errors
     def finish_request(self, entry_id, status, error="", operations=()):
         base.check_final(status)
+        self._batched(self._finish_fn(entry_id, status, error, operations))
+
+    def _finish_fn(self, entry_id, status, error, operations):
         now = base.utcnow()
         params = {"b_id": entry_id, "b_status": status, "b_error": error or "",
                   "b_now": now}
@@ -708,19 +749,19 @@ class SqlStore(base.Store):
         def finish(conn):
             if self._is_sqlite:
                 stamp = _sqlite_time(now)
-                count = conn.exec_driver_sql(
+                count = _driver(conn).execute(
                     _RAW_FINISH_REQUEST, (status, params["b_error"], stamp, entry_id)).rowcount
             else:
                 count = conn.execute(_FINISH_REQUEST, params).rowcount
             if count != 1:
                 raise exception.StateError(reason="no journal entry %s" % entry_id)
             if ops and self._is_sqlite:
-                conn.exec_driver_sql(_RAW_FINISH_OPERATION, [
+                _driver(conn).executemany(_RAW_FINISH_OPERATION, [
                     (base.OP_DONE, stamp, uuid, op) for uuid, op in operations])
             elif ops:
                 conn.execute(_FINISH_OPERATION, ops)
 
-        self._batched(finish)
+        return finish
 
     @_translate_errors
     def requeue(self, entry_id):
@@ -775,10 +816,10 @@ class SqlStore(base.Store):
             if self._is_sqlite:
                 stamp = _sqlite_time(now)
                 try:
-                    conn.exec_driver_sql(_RAW_INSERT_OPERATION, (
+                    _driver(conn).execute(_RAW_INSERT_OPERATION, (
                         instance_uuid, operation, msg_uuid, base.OP_CLAIMED, stamp, stamp))
                     return True
-                except sa_exc.IntegrityError:
+                except sqlite3.IntegrityError:
                     pass
             elif self._insert_unique(conn, _INSERT_OPERATION, values) is not False:
                 return True
@@ -815,13 +856,59 @@ class SqlStore(base.Store):
             stamp = _sqlite_time(now)
             raw = dict(values, created_at=stamp, updated_at=stamp)
             params = tuple(raw[c] for c in _INSTANCE_COLUMNS)
-            created = self._batched(lambda conn: conn.exec_driver_sql(
-                _RAW_UPSERT_INSTANCE, params).scalar_one())
+            created = self._batched(lambda conn: _driver(conn).execute(
+                _RAW_UPSERT_INSTANCE, params).fetchall()[0][0])
             values["created_at"] = datetime.datetime.fromisoformat(created)
         else:
             values["created_at"] = self._batched(
                 lambda conn: conn.execute(self._upsert_instance, values).scalar_one())
         return base.to_record(values)
+
+    @_translate_errors
+    def report_instance(self, record, fields):
+        # One write: the stored instance dict is read inside it (SQLite: on
+        # the writer's connection, whose transaction holds the write lock;
+        # PostgreSQL: SELECT ... FOR UPDATE), instead of a read through the
+        # pool then a write.
+        now = base.utcnow()
+        values = base.record_values(record, skip=("instance",))
+        uuid = record.instance_uuid
+
+        def report(conn):
+            if self._is_sqlite:
+                raw = _driver(conn)
+                row = raw.execute(_RAW_SELECT_INSTANCE_DICT, (uuid,)).fetchall()
+            else:
+                row = conn.execute(_SELECT_INSTANCE_DICT_FOR_UPDATE, {"b_uuid": uuid}).all()
+            data = jsonutils.loads(row[0][0]) if row and row[0][0] else dict(record.instance)
+            data.update(fields)
+            values["instance"] = jsonutils.dumps(data, default=base._json_default)
+            if self._is_sqlite:
+                stamp = _sqlite_time(now)
+                full = dict(values, created_at=stamp, updated_at=stamp)
+                raw.execute(_RAW_PUT_INSTANCE, tuple(full[c] for c in _INSTANCE_COLUMNS))
+            else:
+                conn.execute(self._upsert_instance, dict(values, created_at=now,
+                                                          updated_at=now)).all()
+            return data
+
+        data = self._batched(report)
+        record.instance = data
+        return data
+
+    def finish_request_later(self, entry_id, status, error="", operations=()):
+        if self._write_lock is None or getattr(self._local, "batch", None) is not None:
+            return super().finish_request_later(entry_id, status, error, operations)
+        # SQLite: queued for the writer's next group commit, not waited for.
+        base.check_final(status)
+
+        def failed(exc):
+            if not isinstance(exc, exception.CellAgentError):
+                exc = self._state_error(exc)
+            LOG.error("Could not finish journal entry %(id)s: %(err)s",
+                      {"id": entry_id, "err": exc.message})
+
+        self._batched(self._finish_fn(entry_id, status, error, operations), on_error=failed)
 
     @_translate_errors
     def add_instance(self, record):
@@ -833,7 +920,7 @@ class SqlStore(base.Store):
             if self._is_sqlite:
                 stamp = _sqlite_time(now)
                 raw = dict(values, created_at=stamp, updated_at=stamp)
-                inserted = conn.exec_driver_sql(
+                inserted = _driver(conn).execute(
                     _RAW_INSERT_INSTANCE, tuple(raw[c] for c in _INSTANCE_COLUMNS)).rowcount
             else:
                 inserted = conn.execute(self._insert_instance, values).rowcount

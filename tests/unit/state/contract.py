@@ -7,6 +7,7 @@ fixture). ``new_store()`` builds, syncs and later closes stores.
 
 import datetime
 import threading
+import time
 import uuid
 
 import pytest
@@ -409,6 +410,52 @@ class StoreContract:
         assert (got.backend_id, got.state) == ("b", IS.STOPPED)
         assert got.created_at == first.created_at
         assert store.count_instances() == 1
+
+    def test_report_instance_merges_over_the_stored_dict(self, store):
+        store.put_instance(self._record())
+        # Another writer (instance_update_from_api) changed the stored dict
+        # after this record was read.
+        stale = store.get_instance(_uuid(1))
+        store.update_instance(_uuid(1), instance=dict(stale.instance, display_name="renamed"))
+        stale.state = IS.STOPPED
+        data = store.report_instance(stale, {"vm_state": "stopped", "uuid": _uuid(1)})
+        assert data == {"uuid": _uuid(1), "display_name": "renamed", "metadata": {},
+                        "vm_state": "stopped"}
+        assert stale.instance == data
+        got = store.get_instance(_uuid(1))
+        assert got.instance == data
+        assert got.state is IS.STOPPED
+        assert got.flavor["extra_specs"] == {"a": "b"}
+        assert store.count_instances() == 1
+
+    def test_report_instance_without_a_stored_record(self, store):
+        rec = self._record(instance={"uuid": _uuid(1), "display_name": "a"})
+        data = store.report_instance(rec, {"vm_state": "active"})
+        assert data == {"uuid": _uuid(1), "display_name": "a", "vm_state": "active"}
+        assert store.get_instance(_uuid(1)).instance == data
+
+    def test_finish_request_later(self, store):
+        entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
+        assert store.claim_operation(_uuid(2), "build", _uuid(1))
+        store.finish_request_later(entry.id, JS.DONE, operations=[(_uuid(2), "build")])
+        deadline = time.monotonic() + 10
+        while store.get_request(entry.id).status != JS.DONE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.get_request(entry.id).status == JS.DONE
+        assert store.get_operation(_uuid(2), "build")["status"] == base.OP_DONE
+
+    def test_finish_request_later_logs_a_failure(self, store, caplog):
+        with pytest.raises(ValueError):
+            store.finish_request_later(1, JS.RUNNING)
+        store.finish_request_later(12345, JS.DONE)
+        deadline = time.monotonic() + 10
+        while "12345" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "Could not finish journal entry 12345" in caplog.text
+        # The store still works after the failed write.
+        entry = store.begin_request(_uuid(1), "m", None, "{}", start=True)
+        store.finish_request(entry.id, JS.DONE)
+        assert store.get_request(entry.id).status == JS.DONE
 
     def test_put_ignores_given_timestamps(self, store):
         old = datetime.datetime(2000, 1, 1)
