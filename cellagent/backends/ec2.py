@@ -40,6 +40,15 @@ of them), else by the owner tag. An instance launched less than
 ``lost_instance_grace`` seconds ago and missing from the answer (EC2 is
 eventually consistent) is PENDING; later it is DELETED.
 
+**Key pairs, security groups, Elastic IPs.** A build's public key is
+imported once per key as ``cellagent-<digest>`` (``[ec2] key_pair_mode``)
+and never deleted; its Nova security group names map through ``[ec2]
+security_group_map`` (an unmapped name other than ``default`` fails the
+build); both are part of the launch spec. With ``[ec2] elastic_ip``,
+``poll`` gives each running instance a tagged Elastic IP (reporting it
+PENDING until EC2 shows the address), ``destroy`` releases it, and
+``list_instances`` releases ours whose instance is gone.
+
 **Throttling.** Every request, retries included, takes a token from one
 AIMD bucket per account (or endpoint) and region shared by the process;
 RequestLimitExceeded halves its rate, each success adds a twentieth back.
@@ -240,6 +249,17 @@ class _Batch:
 
 
 @dataclasses.dataclass
+class _Address:
+    """Our Elastic IP of one instance uuid, as far as we know it."""
+
+    allocation_id: str
+    public_ip: str
+    instance_id: str = ""       # the instance it is associated with, if any
+    association_id: str = ""
+    associated_at: float = 0.0  # clock() of our AssociateAddress
+
+
+@dataclasses.dataclass
 class _Usage:
     instances: int = 0
     vcpus: int = 0
@@ -304,6 +324,12 @@ class EC2Backend(base.Backend):
         self._quota_at = None
         self._lease_stop = threading.Event()
         self._lease_thread = None
+        self._full_at = None      # clock() of the last describe of all our instances
+        self._sending = collections.Counter()   # LaunchSpec -> batches being sent
+        self._keys = set()        # EC2 key pairs imported (or found) since start
+        self._key_imports = {}    # key pair name -> Event, while one thread imports it
+        self._eips = {}           # instance uuid -> _Address (our Elastic IP for it)
+        self._eip_faults = {}     # instance uuid -> why EC2 refused it an Elastic IP
 
     # -- life cycle -------------------------------------------------------
 
@@ -424,6 +450,8 @@ class EC2Backend(base.Backend):
 
     def destroy(self, ref):
         self._check_started("destroy")
+        if self._opts.elastic_ip:
+            self._release_addresses(self._addresses_of(ref.instance_uuid), "instance deleted")
         if ref.backend_id:
             ids = [ref.backend_id]
         else:
@@ -584,19 +612,40 @@ class EC2Backend(base.Backend):
         by_uuid = collections.defaultdict(list)
         for inst in instances:
             by_uuid[self._decode(inst)[0]].append(inst)
-        result = {}
+        result, running = {}, []
         for ref in refs:
             if ref.backend_id:
                 inst = by_id.get(ref.backend_id)
             else:
                 inst = self._pick(by_uuid.get(ref.instance_uuid, []))
-            result[ref.instance_uuid] = self._info_or_missing(ref, inst)
+            info = result[ref.instance_uuid] = self._info_or_missing(ref, inst)
+            if info.state is InstanceState.RUNNING:
+                running.append((ref, inst))
+        if running and self._opts.elastic_ip:
+            self._elastic_ips(running, result)
         return result
 
     def list_instances(self):
         self._check_started("list_instances")
+        # Addresses first: one allocated after the instance describe below
+        # would look as if its instance were gone.
+        addresses = self._describe_addresses([self._owner_filter()]) \
+            if self._opts.elastic_ip else []
         instances = self._describe([self._owner_filter()])
         self._observe(instances, complete=True)
+        if addresses:
+            live = {self._decode(i)[0] for i in instances if i["State"]["Name"] not in _GONE}
+            for address in addresses:
+                if address["_uuid"] in live:
+                    continue
+                try:
+                    self._release_addresses([address], "its instance is gone")
+                except exception.BackendError as exc:
+                    # The listing matters more; the next pass tries again.
+                    LOG.warning("[instance: %(uuid)s] could not release leaked Elastic IP "
+                                "%(ip)s: %(err)s", {"uuid": address["_uuid"],
+                                                    "ip": address.get("PublicIp"),
+                                                    "err": exc.message})
         result = []
         for inst in instances:
             if inst["State"]["Name"] == "terminated":
@@ -611,7 +660,12 @@ class EC2Backend(base.Backend):
 
     def get_capacity(self, flavors):
         self._check_started("get_capacity")
-        self._observe(self._describe([self._owner_filter()]), complete=True)
+        # The ledger follows our own launches, polls and terminations; a
+        # describe of everything adds only what changed behind our back,
+        # which [ec2] capacity_refresh bounds (docs/ec2.md, "Capacity").
+        if self._full_at is None or \
+                self.clock() - self._full_at >= self._opts.capacity_refresh:
+            self._observe(self._describe([self._owner_filter()]), complete=True)
         flavor_types = {}
         for flavor in flavors:
             with contextlib.suppress(exception.BackendError):
@@ -686,12 +740,22 @@ class EC2Backend(base.Backend):
         with self._cond:
             while len(batch.items) < self._max_batch:
                 now = time.monotonic()
-                deadline = min(batch.last_add + idle, batch.created + longest)
+                deadline = batch.created + longest
+                # NOTE: a quiet spell while a batch of the same spec is being
+                # sent is no sign that the storm is over: the builds that
+                # would join are held up behind that call (the workers it
+                # occupies, the GIL, the agent's own journal writes). Only
+                # batch_max bounds the wait then, so a storm goes out in
+                # fewer, fuller RunInstances; alone, a build still leaves
+                # after batch_idle.
+                if not (idle and self._sending[batch.spec]):
+                    deadline = min(batch.last_add + idle, deadline)
                 if now >= deadline:
                     break
                 self._cond.wait(deadline - now)
             if self._open.get(batch.spec) is batch:
                 del self._open[batch.spec]
+            self._sending[batch.spec] += 1
         try:
             self._send(batch)
         except exception.BackendError as exc:
@@ -710,6 +774,10 @@ class EC2Backend(base.Backend):
                 for item in batch.items:
                     if self._inflight.get(item.request.launch_token) is batch:
                         del self._inflight[item.request.launch_token]
+                self._sending[batch.spec] -= 1
+                if not self._sending[batch.spec]:
+                    del self._sending[batch.spec]
+                self._cond.notify_all()
             batch.done.set()
 
     def _send(self, batch):
@@ -1002,6 +1070,7 @@ class EC2Backend(base.Backend):
         with self._cond:
             if complete:
                 now, grace = self.clock(), self._opts.lost_instance_grace
+                self._full_at = now
                 # Keep launches too recent to be listed (eventual consistency).
                 self._ledger = {b: v for b, v in self._ledger.items()
                                 if now - self._launch_times.get(b, float("-inf")) < grace}
@@ -1097,6 +1166,151 @@ class EC2Backend(base.Backend):
         raise exception.BackendError(
             backend=self.name, reason="an image named %r exists already and is not a "
             "snapshot of instance %s" % (image_name, ref.instance_uuid))
+
+    # -- Elastic IPs ([ec2] elastic_ip) ---------------------------------------------
+
+    def _elastic_ips(self, running, result):
+        """Give each running instance its Elastic IP (poll only).
+
+        An instance is reported RUNNING once EC2 describes it with its
+        address, PENDING until then (the next tick looks again), ERROR when
+        EC2 refuses an address. Allocations whose answer was lost are found
+        by their instance uuid tag first: one DescribeAddresses per tick for
+        the instances this process knows no address of.
+        """
+        with self._cond:
+            unknown = sorted({r.instance_uuid for r, _ in running
+                              if r.instance_uuid not in self._eips})
+        looked_up = None
+        try:
+            for start in range(0, len(unknown), _MAX_FILTER_VALUES):
+                found = self._describe_addresses([self._owner_filter(), {
+                    "Name": "tag:" + UUID_TAG,
+                    "Values": unknown[start:start + _MAX_FILTER_VALUES]}])
+                with self._cond:
+                    for address in found:
+                        self._eips.setdefault(address["_uuid"], _Address(
+                            address["AllocationId"], address.get("PublicIp", ""),
+                            address.get("InstanceId", ""), address.get("AssociationId", "")))
+        except exception.BackendError as exc:
+            looked_up = exc             # allocating now could give one instance two
+        for ref, inst in running:
+            uuid, bid = ref.instance_uuid, inst["InstanceId"]
+            with self._cond:
+                if uuid in self._eip_faults:
+                    continue                    # _to_info made it ERROR
+                address = self._eips.get(uuid)
+            if looked_up is not None and uuid in unknown:
+                self._eip_failed(result, uuid, looked_up)
+                continue
+            if address is not None and address.instance_id == bid:
+                if inst.get("PublicIpAddress") == address.public_ip:
+                    continue                    # running with its address
+                if self.clock() - address.associated_at < self._opts.lost_instance_grace:
+                    # Associated by us a moment ago; describes lag behind.
+                    result[uuid] = dataclasses.replace(result[uuid],
+                                                       state=InstanceState.PENDING)
+                    continue
+            try:
+                if address is None:
+                    address = self._allocate_address(uuid)
+                self._associate_address(address, bid, uuid)
+            except exception.BackendError as exc:
+                self._eip_failed(result, uuid, exc)
+                continue
+            # PENDING until a describe shows the instance with its address.
+            result[uuid] = dataclasses.replace(result[uuid], state=InstanceState.PENDING)
+
+    def _eip_failed(self, result, uuid, exc):
+        """Retryable trouble: PENDING, again at the next tick; a refusal: ERROR."""
+        if exc.retryable or isinstance(exc, exception.InstanceNotFound):
+            LOG.warning("[instance: %(uuid)s] Elastic IP not attached yet, trying again at "
+                        "the next poll: %(err)s", {"uuid": uuid, "err": exc.message})
+            result[uuid] = dataclasses.replace(result[uuid], state=InstanceState.PENDING)
+            return
+        fault = "Elastic IP refused: %s" % exc.message
+        LOG.error("[instance: %(uuid)s] %(fault)s", {"uuid": uuid, "fault": fault})
+        with self._cond:
+            self._eip_faults[uuid] = fault
+        result[uuid] = dataclasses.replace(result[uuid], state=InstanceState.ERROR, fault=fault)
+
+    def _allocate_address(self, uuid):
+        with self._translate_errors("AllocateAddress for instance %s" % uuid):
+            resp = self._client.allocate_address(Domain="vpc", TagSpecifications=[{
+                "ResourceType": "elastic-ip", "Tags": self._tags({UUID_TAG: uuid})}])
+        address = _Address(resp["AllocationId"], resp.get("PublicIp", ""))
+        with self._cond:
+            self._eips[uuid] = address
+        LOG.info("[instance: %(uuid)s] allocated Elastic IP %(ip)s (%(id)s)",
+                 {"uuid": uuid, "ip": address.public_ip, "id": address.allocation_id})
+        return address
+
+    def _associate_address(self, address, backend_id, uuid):
+        try:
+            with self._translate_errors("AssociateAddress for instance %s" % uuid):
+                resp = self._client.associate_address(
+                    AllocationId=address.allocation_id, InstanceId=backend_id,
+                    AllowReassociation=True)
+        except exception.BackendError as exc:
+            if "InvalidAllocationID.NotFound" in exc.message:
+                # Released behind our back: allocate another next time.
+                with self._cond:
+                    self._eips.pop(uuid, None)
+                exc.retryable = True
+            raise
+        with self._cond:
+            address.instance_id = backend_id
+            address.association_id = resp.get("AssociationId", "")
+            address.associated_at = self.clock()
+        LOG.info("[instance: %(uuid)s] Elastic IP %(ip)s associated with %(bid)s",
+                 {"uuid": uuid, "ip": address.public_ip, "bid": backend_id})
+
+    def _addresses_of(self, uuid):
+        """Our addresses for ``uuid``: the one we know, else found by tag."""
+        with self._cond:
+            known = self._eips.get(uuid)
+        if known is not None:
+            return [{"AllocationId": known.allocation_id, "PublicIp": known.public_ip,
+                     "AssociationId": known.association_id, "_uuid": uuid}]
+        return self._describe_addresses([self._owner_filter(),
+                                         {"Name": "tag:" + UUID_TAG, "Values": [uuid]}])
+
+    def _release_addresses(self, addresses, why):
+        """Disassociate and release ``addresses``; already gone is done."""
+        for address in addresses:
+            uuid = address.get("_uuid", "")
+            with self._translate_errors("releasing Elastic IP %s of instance %s" % (
+                    address.get("PublicIp"), uuid)):
+                try:
+                    if address.get("AssociationId"):
+                        self._client.disassociate_address(
+                            AssociationId=address["AssociationId"])
+                except botocore.exceptions.ClientError as exc:
+                    if _code(exc) not in ("InvalidAssociationID.NotFound",
+                                          "InvalidAddress.NotFound"):
+                        raise
+                try:
+                    self._client.release_address(AllocationId=address["AllocationId"])
+                except botocore.exceptions.ClientError as exc:
+                    if _code(exc) not in ("InvalidAllocationID.NotFound",
+                                          "InvalidAddress.NotFound"):
+                        raise
+            with self._cond:
+                self._eips.pop(uuid, None)
+                self._eip_faults.pop(uuid, None)
+            LOG.info("[instance: %(uuid)s] released Elastic IP %(ip)s (%(why)s)",
+                     {"uuid": uuid, "ip": address.get("PublicIp"), "why": why})
+
+    def _describe_addresses(self, filters):
+        """Our Elastic IPs matching ``filters``, each with its uuid tag as ``_uuid``."""
+        with self._translate_errors("DescribeAddresses"):
+            addresses = self._client.describe_addresses(Filters=filters).get("Addresses", [])
+        out = []
+        for address in addresses:
+            tags = {t["Key"]: t["Value"] for t in address.get("Tags", [])}
+            if tags.get(OWNER_TAG) == self.owner and tags.get(UUID_TAG):
+                out.append(dict(address, _uuid=tags[UUID_TAG]))
+        return out
 
     # -- power ------------------------------------------------------------------
 
@@ -1230,7 +1444,11 @@ class EC2Backend(base.Backend):
         checks = [("subnet_id", "describe_subnets", "SubnetIds",
                    [opts.subnet_id] if opts.subnet_id else []),
                   ("security_group_ids", "describe_security_groups", "GroupIds",
-                   list(opts.security_group_ids))]
+                   list(opts.security_group_ids)),
+                  ("security_group_map", "describe_security_groups", "GroupIds",
+                   sorted(set(opts.security_group_map.values()))),
+                  ("key_name", "describe_key_pairs", "KeyNames",
+                   [opts.key_name] if opts.key_name else [])]
         for option, method, param, values in checks:
             if not values:
                 continue
@@ -1308,13 +1526,73 @@ class EC2Backend(base.Backend):
             "or give it the property ec2_ami" % (image.get("id"), image.get("name")))
 
     def _launch_spec(self, request):
+        # In this order: the checks that need no EC2 call fail first.
         opts = self._opts
         return LaunchSpec(image_id=self._image_id(request.image),
                           instance_type=self._instance_type(request.flavor),
                           subnet_id=opts.subnet_id or "",
-                          security_groups=tuple(opts.security_group_ids),
-                          key_name=opts.key_name or "", user_data=request.user_data or "",
+                          security_groups=self._security_groups(request),
+                          key_name=self._key_name(request), user_data=request.user_data or "",
                           hibernate=bool(opts.hibernate))
+
+    def _security_groups(self, request):
+        """The EC2 group ids for the build's Nova security group names (sorted)."""
+        opts = self._opts
+        ids = set()
+        for name in [str(n) for n in request.security_groups or [] if n] or ["default"]:
+            if name in opts.security_group_map:
+                ids.add(opts.security_group_map[name])
+            elif name == "default":
+                ids.update(opts.security_group_ids)
+            else:
+                # NOTE: never launch with other rules than asked for: the
+                # VPC's default group may be wide open, or shut.
+                raise exception.BackendError(
+                    backend=self.name, reason="security group %r of instance %s has no EC2 "
+                    "security group: map it in [ec2] security_group_map" % (
+                        name, request.instance_uuid))
+        return tuple(sorted(ids))
+
+    def _key_name(self, request):
+        """The EC2 key pair for the build: its own key imported, else [ec2] key_name."""
+        key_data = (request.key_data or "").strip()
+        if self._opts.key_pair_mode != "import" or not key_data:
+            return self._opts.key_name or ""
+        name = key_pair_name(key_data)
+        while True:
+            with self._cond:
+                if name in self._keys:
+                    return name
+                importing = self._key_imports.get(name)
+                if importing is None:
+                    importing = self._key_imports[name] = threading.Event()
+                    break
+            importing.wait()      # another build imports it; then look again
+        try:
+            self._import_key(name, key_data, request.instance_uuid)
+            with self._cond:
+                self._keys.add(name)
+        finally:
+            with self._cond:
+                del self._key_imports[name]
+            importing.set()
+        return name
+
+    def _import_key(self, name, key_data, instance_uuid):
+        with self._translate_errors("importing the key pair of instance %s" % instance_uuid):
+            try:
+                self._client.import_key_pair(
+                    KeyName=name, PublicKeyMaterial=key_data.encode(),
+                    TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tags({})}])
+            except botocore.exceptions.ClientError as exc:
+                # The name is the key's digest: a key pair of that name is
+                # this key, imported by another process or before a restart.
+                if _code(exc) != "InvalidKeyPair.Duplicate":
+                    raise
+                LOG.debug("Key pair %s exists already", name)
+                return
+        LOG.info("[instance: %(uuid)s] imported its public key as EC2 key pair %(name)s",
+                 {"uuid": instance_uuid, "name": name})
 
     def _owner_filter(self):
         return {"Name": "tag:" + OWNER_TAG, "Values": [self.owner]}
@@ -1414,14 +1692,17 @@ class EC2Backend(base.Backend):
 
     def _to_info(self, inst, instance_uuid=None, state=None):
         state = state or self.map_state(inst["State"]["Name"])
+        instance_uuid = instance_uuid or self._decode(inst)[0]
         reason = inst.get("StateReason") or {}
         fault = reason.get("Message", "") if str(reason.get("Code", "")).startswith(
             "Server.") else ""
+        if state is InstanceState.RUNNING and instance_uuid in self._eip_faults:
+            state, fault = InstanceState.ERROR, self._eip_faults[instance_uuid]
         launched = inst.get("LaunchTime")
         return InstanceInfo(
             backend_id=inst["InstanceId"], state=state,
             addresses=self._to_addresses(inst) if state is not InstanceState.DELETED else [],
-            instance_uuid=instance_uuid or self._decode(inst)[0], fault=fault,
+            instance_uuid=instance_uuid, fault=fault,
             launched_at=launched.isoformat() if state is InstanceState.RUNNING and
             hasattr(launched, "isoformat") else "")
 
@@ -1463,6 +1744,21 @@ def _decode_console(raw):
     except (binascii.Error, ValueError):
         return raw
     return data.decode("utf-8", errors="replace")
+
+
+def key_pair_name(key_data):
+    """The EC2 key pair name for an OpenSSH public key: ``cellagent-<digest>``.
+
+    The digest is the SHA-256 of the key blob (the base64 field), as
+    OpenSSH fingerprints it, so the same key with another comment is the
+    same key pair; 20 hex digits (80 bits) keep names short and unique.
+    """
+    fields = key_data.split()
+    blob = key_data.strip().encode()
+    if len(fields) >= 2:
+        with contextlib.suppress(binascii.Error, ValueError):
+            blob = base64.b64decode(fields[1], validate=True)
+    return "cellagent-" + hashlib.sha256(blob).hexdigest()[:20]
 
 
 def expired_leases(client, now=None, owner=None):

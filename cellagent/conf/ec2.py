@@ -146,10 +146,12 @@ Related options:
         "security_group_ids",
         default=[],
         help="""
-VPC security groups given to every instance.
+VPC security groups standing for Nova's ``default`` security group.
 
-Nova security group names of a build are not translated; these apply to
-every instance. Checked with DescribeSecurityGroups at startup.
+They are what an instance gets when its build asks for ``default`` (or for
+no group), unless ``security_group_map`` maps ``default`` itself; other
+Nova group names are translated through ``security_group_map``. Checked
+with DescribeSecurityGroups at startup.
 
 Possible values:
 
@@ -158,18 +160,76 @@ Possible values:
 
 Related options:
 
-* ``subnet_id``
+* ``security_group_map``, ``subnet_id``
+"""),
+    cfg.DictOpt(
+        "security_group_map",
+        default={},
+        help="""
+Nova security group name to the EC2 security group id it stands for.
+
+Each name in a build's security groups is looked up here, and the
+instance gets the union of the mapped groups. ``default`` that is not
+mapped here means ``security_group_ids``. Any other name missing here
+fails the build at once, before any launch, with a fault naming the group:
+an instance is never launched with wider or other rules than it asked
+for. Builds with different groups are launched in different RunInstances.
+Every group id is checked with DescribeSecurityGroups at startup.
+
+Possible values:
+
+* ``name:group id`` pairs, e.g. ``web:sg-0abc1234,db:sg-0def5678``
+
+Related options:
+
+* ``security_group_ids``
 """),
     cfg.StrOpt(
         "key_name",
         default=None,
         help="""
-EC2 key pair installed in every instance.
+EC2 key pair installed in instances whose build carries no key of its own.
+
+With ``key_pair_mode = fixed`` every instance gets this key pair; with
+``import`` only the builds without a public key (``key_data``) do.
+Checked with DescribeKeyPairs at startup.
 
 Possible values:
 
 * unset: no key pair
 * the name of an existing EC2 key pair of the region
+
+Related options:
+
+* ``key_pair_mode``
+"""),
+    cfg.StrOpt(
+        "key_pair_mode",
+        default="import",
+        choices=[
+            ("import", "a build's public key is imported into EC2 (once per key) and "
+                       "installed; builds without one get ``key_name``"),
+            ("fixed", "every instance gets ``key_name`` (or no key pair); the "
+                      "build's key is ignored"),
+        ],
+        help="""
+Where an instance's EC2 key pair comes from.
+
+In ``import`` mode, a build that carries the user's public key (Nova's
+``key_data``) gets an EC2 key pair named ``cellagent-<first 20 hex digits
+of the SHA-256 of the key>``, imported with ImportKeyPair the first time
+the key is seen (tagged with ``cellagent:owner`` and ``cellagent:cell``)
+and reused after: a storm of builds of one user imports once. Imported key
+pairs are never deleted when an instance is, since other instances may
+share them; delete unused ``cellagent-*`` key pairs by hand if needed.
+
+Possible values:
+
+* import (default), fixed
+
+Related options:
+
+* ``key_name``
 """),
     cfg.DictOpt(
         "instance_type_map",
@@ -242,6 +302,28 @@ Possible values:
 
 * True: pause and suspend hibernate the instance
 * False: they stop it (the guest's RAM is lost)
+"""),
+    cfg.BoolOpt(
+        "elastic_ip",
+        default=False,
+        help="""
+Give every instance an Elastic IP address of its own.
+
+Once an instance is running, the backend allocates an address
+(AllocateAddress, tagged with ``cellagent:owner``, ``cellagent:cell`` and
+the instance uuid, so that an allocation whose answer was lost is found
+again), associates it, and reports it as the instance's floating address.
+Deleting the instance disassociates and releases it; the reconciliation
+releases our tagged addresses whose instance is gone. Costs two or three
+EC2 calls per instance; nothing when off. EC2 allows 5 Elastic IPs per
+region unless the quota is raised: an allocation EC2 refuses puts the
+instance in ERROR with the refusal as its fault.
+
+Possible values:
+
+* False: the instance keeps the public address EC2 gives it, if any (it
+  changes on stop and start)
+* True: an Elastic IP per instance
 """),
     # -- budget and quota ---------------------------------------------------
     cfg.IntOpt(
@@ -385,7 +467,10 @@ Seconds a launch batch waits for another identical launch.
 Builds with the same AMI, instance type, subnet, security groups, key pair
 and user data go out as one RunInstances with a count. A batch is sent
 once no build joined it for this long, after ``batch_max`` in any case, or
-when it is full.
+when it is full. While a RunInstances of the same launch spec is still
+waiting for EC2's answer, a quiet spell does not close the batch (the
+builds of a storm keep arriving once that answer is in); ``batch_max``
+still does.
 
 Possible values:
 
@@ -425,6 +510,31 @@ such an instance is reported PENDING; after it, DELETED.
 Possible values:
 
 * 0 or more seconds
+"""),
+    cfg.IntOpt(
+        "capacity_refresh",
+        default=20,
+        min=0,
+        help="""
+Seconds a capacity report may rest on what the backend knows already.
+
+The backend keeps the type and state of every instance of the cell from
+its own launches, polls and terminations. A capacity report describes all
+our instances (one paginated DescribeInstances) only when no such
+describe was made for this long, so the reports sent on every change
+during a storm cost no call, while changes made behind the agent's back
+(another agent process of the cell, the console, EC2 itself) show in the
+reported room within this time. Keep it below ``[cells] report_interval``
+so that every periodic report is a fresh one.
+
+Possible values:
+
+* 0: every report describes our instances
+* a positive number of seconds
+
+Related options:
+
+* ``[cells] report_interval``
 """),
     cfg.IntOpt(
         "max_attempts",

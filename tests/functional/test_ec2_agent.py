@@ -4,7 +4,8 @@ on real RabbitMQ, and EC2 played by moto's ``ThreadedMotoServer`` on 127.0.0.1.
 Every operation the child takes goes through: build, soft and hard reboot,
 stop/start, pause/unpause, suspend/resume, resize (confirm and revert),
 snapshot, rebuild, console output and delete; the test checks what the
-parent sees and what EC2 (moto) really holds.
+parent sees and what EC2 (moto) really holds. A second test covers the
+user's key pair, Nova security groups and Elastic IPs.
 """
 
 import json
@@ -14,6 +15,7 @@ import uuid
 import boto3
 import pytest
 
+from cellagent.backends.ec2 import key_pair_name
 from tests.functional.conftest import wait_for
 from tests.functional.test_lifecycle import action, build_message, check_format, example
 
@@ -62,6 +64,21 @@ def ec2_agent(agent_factory, moto_url, ec2):
     return agent
 
 
+def _public_key():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + \
+        " alice@laptop"
+
+
+def _with_key(msg, key):
+    """Example 1's key_data is a truncated placeholder EC2 would refuse."""
+    for inst in msg["method_kwargs"]["build_inst_kwargs"]["instances"]:
+        inst["nova_object.data"]["key_data"] = key
+    return msg
+
+
 def _ours(ec2, owner, states=("pending", "running", "stopping", "stopped")):
     out = []
     for page in ec2.get_paginator("describe_instances").paginate(Filters=[
@@ -83,11 +100,14 @@ def _settled(parent, u, vm_state, task_state=None, timeout=30):
 def test_whole_lifecycle_on_ec2(parent, ec2_agent, ec2):
     agent = ec2_agent.start()
     uuids = [str(uuid.uuid4()) for _ in range(2)]
-    parent.cast(build_message(uuids))
+    key = _public_key()
+    parent.cast(_with_key(build_message(uuids), key))
     for u in uuids:
         _settled(parent, u, "active")
     insts = {i["InstanceId"]: i for i in _ours(ec2, agent.owner)}
     assert len(insts) == 2
+    # The user's key, imported once ([ec2] key_pair_mode = import).
+    assert {i["KeyName"] for i in insts.values()} == {key_pair_name(key)}
     assert {parent.view(u)["access_ip_v4"] for u in uuids} == {
         i["PublicIpAddress"] for i in insts.values()}
     for i in insts.values():
@@ -161,5 +181,59 @@ def test_whole_lifecycle_on_ec2(parent, ec2_agent, ec2):
 
     for rec in parent.received():
         check_format(rec)
+    assert SECRET not in agent.log()
+    assert agent.terminate() == 0
+
+
+def test_key_security_groups_and_elastic_ip_on_ec2(parent, agent_factory, moto_url, ec2):
+    ami = ec2.register_image(Name="cirros-%s" % uuid.uuid4().hex[:6], Architecture="x86_64",
+                             RootDeviceName="/dev/xvda",
+                             VirtualizationType="hvm")["ImageId"]
+    vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    web = ec2.create_security_group(GroupName="web-%s" % uuid.uuid4().hex[:6],
+                                    Description="web", VpcId=vpc)["GroupId"]
+    owner = "cell1-%s" % uuid.uuid4().hex[:8]
+    agent = agent_factory(
+        backend__driver="ec2", backend__poll_interval=0.2,
+        ec2__endpoint_url=moto_url, ec2__region="us-east-1",
+        ec2__access_key_id="AKIAFUNCTIONALTEST01", ec2__secret_access_key=SECRET,
+        ec2__owner=owner, ec2__instance_type_map="m1.small:t3.micro",
+        ec2__image_map="%s:%s" % (IMAGE_UUID, ami), ec2__batch_idle=0.05,
+        ec2__batch_max=0.3, ec2__security_group_map="web:%s" % web, ec2__elastic_ip=True)
+    agent.start()
+
+    def addresses():
+        return [a for a in ec2.describe_addresses()["Addresses"]
+                if {t["Key"]: t["Value"] for t in a.get("Tags", [])}.get(
+                    "cellagent:owner") == owner]
+
+    good, bad = str(uuid.uuid4()), str(uuid.uuid4())
+    key = _public_key()
+    msg = _with_key(build_message([good]), key)
+    msg["method_kwargs"]["build_inst_kwargs"]["security_groups"] = ["web"]
+    parent.cast(msg)
+    _settled(parent, good, "active")
+    inst, = _ours(ec2, owner)
+    assert [g["GroupId"] for g in inst["SecurityGroups"]] == [web]
+    assert inst["KeyName"] == key_pair_name(key)
+    address, = addresses()
+    assert address["InstanceId"] == inst["InstanceId"]
+    assert parent.view(good)["access_ip_v4"] == address["PublicIp"]
+
+    # A group the operator did not map: ERROR with a fault naming it.
+    msg = _with_key(build_message([bad]), key)
+    msg["method_kwargs"]["build_inst_kwargs"]["security_groups"] = ["admin-only"]
+    parent.cast(msg)
+    _settled(parent, bad, "error")
+    faults = [m.kwargs["instance_fault"] for m in parent.received(
+        "instance_fault_create_at_top")
+        if m.kwargs["instance_fault"].get("instance_uuid") == bad]
+    assert faults and "admin-only" in faults[0]["message"]
+    assert len(_ours(ec2, owner)) == 1
+
+    for u in (good, bad):
+        parent.cast(action("terminate_instance", u, delete_type="delete"))
+    wait_for(lambda: parent.destroyed() >= {good, bad}, 40, what="destroy_at_top")
+    assert _ours(ec2, owner) == [] and addresses() == []
     assert SECRET not in agent.log()
     assert agent.terminate() == 0

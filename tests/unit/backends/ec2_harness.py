@@ -13,7 +13,8 @@ backend's own EC2 client, in front of moto:
   the backend's rate limiter, registered first): it counts wire attempts
   (``sends``: retries included) and either injects a fault that never
   reaches moto (throttling at a rate, one-shot error codes: 5xx, ICE,
-  auth, ...) or hands the request to moto's stub;
+  auth, ...) or hands the request to moto's stub, optionally after a delay
+  (``slow_next``: an EC2 call that takes its time);
 * ``after-call.ec2.*`` remembers RunInstances answers by token, *loses* a
   response moto really gave (the caller gets a connection error while the
   instances exist), and hides new instances from DescribeInstances for a
@@ -27,6 +28,7 @@ import collections
 import copy
 import random
 import threading
+import time
 
 import boto3
 import botocore.awsrequest
@@ -72,6 +74,7 @@ class Ec2Harness:
         self._fail = collections.defaultdict(collections.deque)  # op -> [(code, status)]
         self._lose = collections.Counter()      # op -> responses to lose
         self._hide_for = 0                      # describes a new instance stays hidden
+        self._slow = collections.defaultdict(collections.deque)  # op -> [seconds]
         self._hidden = {}                       # instance id -> describes left
         events = client.meta.events
         events.register("before-call.ec2", self._before_call)
@@ -94,6 +97,11 @@ class Ec2Harness:
         """The next ``times`` attempts of ``operation`` get ``code`` (never reach moto)."""
         with self._lock:
             self._fail[operation].extend([(code, status)] * times)
+
+    def slow_next(self, operation, seconds, times=1):
+        """The next ``times`` attempts of ``operation`` reach moto ``seconds`` late."""
+        with self._lock:
+            self._slow[operation].extend([seconds] * times)
 
     def lose_next_response(self, operation="RunInstances", times=1):
         """moto does the next ``times`` calls, then the caller gets a connection error."""
@@ -141,7 +149,10 @@ class Ec2Harness:
                     fault = ("RequestLimitExceeded", 503)
             if fault is not None:
                 self.faults[fault[0]] += 1
+            delay = self._slow[op].popleft() if fault is None and self._slow[op] else 0
         if fault is None:
+            if delay:
+                time.sleep(delay)
             return moto_models.botocore_stubber(event_name=event_name, **kwargs)
         code, status = fault
         return _response(status, (_ERROR_BODY % (code, "injected by the test harness")).encode())

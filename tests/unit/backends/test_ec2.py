@@ -149,11 +149,15 @@ class TestOptions:
                      "key_name", "instance_type_map", "image_map", "tags", "max_instances",
                      "max_vcpus", "max_cost_per_hour", "prices", "vcpu_quota", "ice_ttl",
                      "batch_idle", "batch_max", "lost_instance_grace", "max_attempts",
-                     "hibernate"):
+                     "hibernate", "security_group_map", "key_pair_mode", "elastic_ip",
+                     "capacity_refresh"):
             assert "Possible values" in by_name[name].help, name
         assert by_name["ice_ttl"].default == 300 and by_name["batch_idle"].default == 0.1
         assert by_name["batch_max"].default == 1.0
         assert by_name["lost_instance_grace"].default == 60
+        assert by_name["key_pair_mode"].default == "import"
+        assert by_name["elastic_ip"].default is False
+        assert by_name["capacity_refresh"].default == 20
 
     def test_registered_by_the_conf_package(self, conf):
         assert conf.ec2.region == "us-east-1"
@@ -450,8 +454,9 @@ class TestPolling:
         h.reset_counts()
         backend.get_info(refs[0])
         backend.list_instances()
+        # The list's describe of everything is fresh: capacity needs none.
         backend.get_capacity([SMALL, LARGE])
-        assert h.calls["DescribeInstances"] == 3
+        assert h.calls["DescribeInstances"] == 2
 
     def test_not_found_right_after_launch_is_pending_within_the_grace(self, aws):
         backend, h = started(aws, lost_instance_grace=60)
@@ -947,3 +952,326 @@ class TestLease:
         backend, h = started(aws)
         assert backend._lease_thread is None
         backend.stop()
+
+
+# -- key pairs, security groups, Elastic IPs ------------------------------------------
+
+
+def public_key(comment="alice@laptop"):
+    """A fresh OpenSSH public key line (moto checks the key material)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    blob = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return "%s %s" % (blob, comment)
+
+
+class TestKeyPairs:
+    def test_a_storm_imports_each_key_once(self, aws):
+        backend, h = started(aws, batch_idle=0.05, batch_max=0.5)
+        alice, bob = public_key(), public_key("bob")
+        reqs = [request(key_name="alice", key_data=alice) for _ in range(30)]
+        reqs += [request(key_name="bob", key_data=bob) for _ in range(10)]
+        infos = spawn_many(backend, reqs, workers=40)
+        assert h.calls["ImportKeyPair"] == 2
+        names = {ec2.key_pair_name(alice), ec2.key_pair_name(bob)}
+        assert all(n.startswith("cellagent-") and len(n) == 30 for n in names)
+        pairs = {k["KeyName"]: k for k in ec2_harness.admin_client().describe_key_pairs(
+            KeyNames=sorted(names))["KeyPairs"]}
+        assert set(pairs) == names
+        assert tags_of(pairs[ec2.key_pair_name(alice)])["cellagent:owner"] == OWNER
+        by_id = {i["InstanceId"]: i for i in ec2_harness.admin_instances(OWNER)}
+        for req, info in zip(reqs, infos, strict=True):
+            assert by_id[info.backend_id]["KeyName"] == ec2.key_pair_name(req.key_data)
+        # A key is part of the launch spec: two keys, never one RunInstances.
+        assert {tuple(sorted({b["KeyName"] for b in h.requests["RunInstances"]}))} == {
+            tuple(sorted(names))}
+        # Deleting instances never deletes the key pairs they share.
+        backend.destroy(ref_of(infos[0]))
+        assert h.calls["DeleteKeyPair"] == 0
+        assert len(ec2_harness.admin_client().describe_key_pairs(
+            KeyNames=sorted(names))["KeyPairs"]) == 2
+
+    def test_a_key_pair_already_there_is_used(self, aws):
+        key = public_key()
+        ec2_harness.admin_client().import_key_pair(KeyName=ec2.key_pair_name(key),
+                                                   PublicKeyMaterial=key.encode())
+        backend, h = started(aws)
+        info = backend.spawn(request(key_data=key))
+        assert h.calls["ImportKeyPair"] == 1 and h.faults == {}
+        inst, = ec2_harness.admin_instances(OWNER)
+        assert inst["InstanceId"] == info.backend_id
+        assert inst["KeyName"] == ec2.key_pair_name(key)
+        backend.spawn(request(key_data=key))              # known now: no call
+        assert h.calls["ImportKeyPair"] == 1
+
+    def test_name_is_the_key_not_its_comment(self):
+        key = public_key("one")
+        same = key.rsplit(" ", 1)[0] + " another-comment"
+        assert ec2.key_pair_name(key) == ec2.key_pair_name(same)
+        assert ec2.key_pair_name(key) != ec2.key_pair_name(public_key("one"))
+
+    def test_without_key_data_or_in_fixed_mode_the_configured_key(self, aws):
+        ec2_harness.admin_client().create_key_pair(KeyName="ops")
+        backend, h = started(aws, key_name="ops")
+        backend.spawn(request())                          # no key of its own
+        fixed, hf = started(aws, key_name="ops", key_pair_mode="fixed")
+        fixed.spawn(request(key_name="alice", key_data=public_key()))
+        assert h.calls["ImportKeyPair"] == hf.calls["ImportKeyPair"] == 0
+        assert h.requests["RunInstances"][0]["KeyName"] == "ops"
+        assert hf.requests["RunInstances"][0]["KeyName"] == "ops"
+        nokey, hn = started(aws, key_pair_mode="fixed")
+        nokey.spawn(request(key_data=public_key()))
+        assert "KeyName" not in hn.requests["RunInstances"][0]
+
+    def test_a_key_ec2_refuses_fails_the_build_clearly(self, aws):
+        backend, h = started(aws)
+        req = request(key_data="ssh-rsa bm90IGEga2V5 broken")
+        with pytest.raises(exception.BackendError) as err:
+            backend.spawn(req)
+        assert req.instance_uuid in str(err.value) and "key pair" in str(err.value)
+        assert not base.is_retryable(err.value)
+        assert h.calls["RunInstances"] == 0
+
+    def test_unknown_configured_key_name_fails_at_start(self, aws):
+        with pytest.raises(exception.ConfigurationError) as err:
+            ec2.EC2Backend(make_conf(aws, key_name="nobody")).start()
+        assert "key_name" in str(err.value)
+
+
+def _groups(vpc_id, *names):
+    admin = ec2_harness.admin_client()
+    return [admin.create_security_group(GroupName=n, Description=n, VpcId=vpc_id)["GroupId"]
+            for n in names]
+
+
+class TestSecurityGroups:
+    @pytest.fixture
+    def groups(self, aws):
+        vpc = ec2_harness.admin_client().describe_vpcs()["Vpcs"][0]["VpcId"]
+        return dict(zip(("base", "web", "db"), _groups(vpc, "base", "web", "db"),
+                        strict=True))
+
+    def test_mapped_groups_reach_the_instance(self, aws, groups):
+        backend, h = started(aws, security_group_ids=[groups["base"]],
+                             security_group_map={"web": groups["web"], "db": groups["db"]})
+        asked = {"wd": ["web", "db"], "default": ["default"], "none": [],
+                 "mixed": ["default", "web"]}
+        infos = {k: backend.spawn(request(security_groups=v)) for k, v in asked.items()}
+        by_id = {i["InstanceId"]: {g["GroupId"] for g in i["SecurityGroups"]}
+                 for i in ec2_harness.admin_instances(OWNER)}
+        got = {k: by_id[i.backend_id] for k, i in infos.items()}
+        assert got == {"wd": {groups["web"], groups["db"]}, "default": {groups["base"]},
+                       "none": {groups["base"]}, "mixed": {groups["base"], groups["web"]}}
+
+    def test_an_unmapped_group_fails_the_build_naming_it(self, aws, groups):
+        backend, h = started(aws, security_group_map={"web": groups["web"]})
+        req = request(security_groups=["web", "admin-only"])
+        with pytest.raises(exception.BackendError) as err:
+            backend.spawn(req)
+        assert "'admin-only'" in str(err.value) and "security_group_map" in str(err.value)
+        assert req.instance_uuid in str(err.value) and not base.is_retryable(err.value)
+        assert h.calls["RunInstances"] == 0 and ec2_harness.admin_instances(OWNER) == []
+
+    def test_different_groups_are_different_batches(self, aws, groups):
+        backend, h = started(aws, batch_idle=0.2, batch_max=1.0,
+                             security_group_map={"web": groups["web"], "db": groups["db"]})
+        reqs = [request(security_groups=[g]) for g in ("web", "db", "web", "db", "web")]
+        spawn_many(backend, reqs, workers=5)
+        sent = sorted((b["SecurityGroupId.1"], b["MinCount"])
+                      for b in h.requests["RunInstances"])
+        assert sent == sorted([(groups["web"], 3), (groups["db"], 2)])
+
+    def test_an_unknown_mapped_group_fails_at_start(self, aws):
+        with pytest.raises(exception.ConfigurationError) as err:
+            ec2.EC2Backend(make_conf(aws, security_group_map={"web": "sg-0000000f"})).start()
+        assert "security_group_map" in str(err.value)
+
+    def test_through_the_agent_an_unmapped_group_is_an_error_with_a_fault(self, aws,
+                                                                         tmp_path):
+        from tests.unit import helpers
+        harness = helpers.CellHarness(tmp_path, driver="ec2")
+        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
+                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
+                                image_map={"cirros": aws}).items():
+            harness.conf.set_override(name, value, group="ec2")
+        harness.start()
+        try:
+            uuid = str(uuidlib.uuid4())
+            kwargs = helpers.build_kwargs([uuid])
+            kwargs["build_inst_kwargs"]["security_groups"] = ["web"]
+            harness.send("build_instances", kwargs)
+            harness.wait_state(uuid, vm_state="error", timeout=20)
+            faults = [m.method_kwargs["instance_fault"] for m in harness.parent.received(
+                "instance_fault_create_at_top", uuid)]
+            assert faults and "security group 'web'" in faults[0]["message"]
+            assert ec2_harness.admin_instances(OWNER) == []
+        finally:
+            harness.stop()
+
+
+def _admin_addresses(owner=None):
+    out = []
+    for address in ec2_harness.admin_client().describe_addresses()["Addresses"]:
+        if owner is None or tags_of(address).get("cellagent:owner") == owner:
+            out.append(address)
+    return out
+
+
+class TestElasticIp:
+    def _running(self, backend, h, req=None, ticks=5):
+        """spawn, then poll until RUNNING; returns (ref, info, polls)."""
+        ref = ref_of(backend.spawn(req or request()))
+        for tick in range(1, ticks + 1):
+            info = backend.poll([ref])[ref.instance_uuid]
+            if info.state is InstanceState.RUNNING:
+                return ref, info, tick
+        raise AssertionError("not running after %d polls: %s" % (ticks, info))
+
+    def test_allocated_tagged_reported_and_released(self, aws):
+        backend, h = started(aws, elastic_ip=True)
+        ref, info, ticks = self._running(backend, h)
+        assert ticks == 2            # associated at the first, seen by EC2 at the second
+        assert (h.calls["AllocateAddress"], h.calls["AssociateAddress"]) == (1, 1)
+        assert h.calls["DescribeAddresses"] == 1
+        address, = _admin_addresses(OWNER)
+        assert tags_of(address)["cellagent:instance_uuid"] == ref.instance_uuid
+        assert tags_of(address)["cellagent:cell"] == backend.cell
+        assert address["InstanceId"] == ref.backend_id
+        floating, = [a for a in info.addresses if a.kind == "floating"]
+        assert floating.address == address["PublicIp"]
+        h.reset_counts()
+        backend.poll([ref])                                   # settled: no more calls
+        assert sum(v for k, v in h.calls.items() if "Address" in k) == 0
+        backend.destroy(ref)
+        assert (h.calls["DisassociateAddress"], h.calls["ReleaseAddress"]) == (1, 1)
+        assert _admin_addresses(OWNER) == []
+        backend.destroy(ref)                                  # again: nothing left, fine
+        assert h.calls["ReleaseAddress"] == 1
+
+    def test_a_lost_allocation_is_found_by_its_tag(self, aws):
+        backend, h = started(aws, elastic_ip=True)
+        ref = ref_of(backend.spawn(request()))
+        h.lose_next_response("AllocateAddress")
+        assert backend.poll([ref])[ref.instance_uuid].state is InstanceState.PENDING
+        assert len(_admin_addresses(OWNER)) == 1              # EC2 did allocate it
+        states = [backend.poll([ref])[ref.instance_uuid].state for _ in range(2)]
+        assert states == [InstanceState.PENDING, InstanceState.RUNNING]
+        assert h.calls["AllocateAddress"] == 1 and h.calls["DescribeAddresses"] == 2
+        address, = _admin_addresses(OWNER)
+        assert address["InstanceId"] == ref.backend_id
+
+    def test_a_restarted_agent_releases_by_tag(self, aws):
+        backend, _ = started(aws, elastic_ip=True)
+        ref, _info, _ = self._running(backend, None)
+        again, h = started(aws, elastic_ip=True)              # nothing in memory
+        again.destroy(ref)
+        assert h.calls["DescribeAddresses"] == 1 and h.calls["ReleaseAddress"] == 1
+        assert _admin_addresses(OWNER) == []
+
+    def test_a_refused_address_is_an_error_with_the_reason(self, aws):
+        backend, h = started(aws, elastic_ip=True)
+        ref = ref_of(backend.spawn(request()))
+        h.fail_next("AllocateAddress", "AddressLimitExceeded")
+        info = backend.poll([ref])[ref.instance_uuid]
+        assert info.state is InstanceState.ERROR and "AddressLimitExceeded" in info.fault
+        assert backend.get_info(ref).state is InstanceState.ERROR
+        assert h.calls["AllocateAddress"] == 1
+        backend.poll([ref])                                   # not asked again
+        assert h.calls["AllocateAddress"] == 1
+
+    def test_no_look_up_no_allocation(self, aws):
+        backend, h = started(aws, elastic_ip=True)
+        ref = ref_of(backend.spawn(request()))
+        h.fail_next("DescribeAddresses", "RequestLimitExceeded", status=503, times=3)
+        assert backend.poll([ref])[ref.instance_uuid].state is InstanceState.PENDING
+        h.fail_next("DescribeAddresses", "UnauthorizedOperation", status=403)
+        info = backend.poll([ref])[ref.instance_uuid]
+        assert info.state is InstanceState.ERROR and "UnauthorizedOperation" in info.fault
+        assert h.calls["AllocateAddress"] == 0 and _admin_addresses(OWNER) == []
+
+    def test_reconciliation_releases_leaked_addresses(self, aws):
+        backend, h = started(aws, elastic_ip=True)
+        kept, _info, _ = self._running(backend, h)
+        gone, _info, _ = self._running(backend, h)
+        admin = ec2_harness.admin_client()
+        admin.terminate_instances(InstanceIds=[gone.backend_id])   # behind our back
+
+        def allocate(owner, uuid):
+            return admin.allocate_address(Domain="vpc", TagSpecifications=[{
+                "ResourceType": "elastic-ip", "Tags": [
+                    {"Key": "cellagent:owner", "Value": owner},
+                    {"Key": "cellagent:instance_uuid", "Value": uuid}]}])["AllocationId"]
+        never = allocate(OWNER, str(uuidlib.uuid4()))        # its instance never was
+        other = allocate("another-cell", str(uuidlib.uuid4()))
+        untagged = admin.allocate_address(Domain="vpc")["AllocationId"]
+        h.reset_counts()
+        backend.list_instances()
+        assert h.calls["DescribeAddresses"] == 1 and h.calls["ReleaseAddress"] == 2
+        left = {a["AllocationId"]: a for a in _admin_addresses()}
+        assert never not in left and other in left and untagged in left
+        mine = [a for a in left.values() if tags_of(a).get("cellagent:owner") == OWNER]
+        assert [tags_of(a)["cellagent:instance_uuid"] for a in mine] == [kept.instance_uuid]
+
+    def test_off_costs_nothing(self, aws):
+        backend, h = started(aws)
+        ref = ref_of(backend.spawn(request()))
+        poll_until(backend, [ref])
+        backend.list_instances()
+        backend.destroy(ref)
+        assert not [k for k in h.calls if "Address" in k]
+
+    def test_through_the_agent_the_parent_sees_the_elastic_ip(self, aws, tmp_path):
+        from tests.unit import helpers
+        harness = helpers.CellHarness(tmp_path, driver="ec2")
+        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
+                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
+                                image_map={"cirros": aws}, elastic_ip=True).items():
+            harness.conf.set_override(name, value, group="ec2")
+        harness.start()
+        try:
+            uuid, = harness.build(count=1)
+            address, = _admin_addresses(OWNER)
+            assert harness.parent.row(uuid)["access_ip_v4"] == address["PublicIp"]
+            harness.send("terminate_instance", {"instance": helpers.instance_prim(uuid),
+                                                "delete_type": "delete"})
+            wait_for(lambda: uuid not in harness.parent.view.instances, timeout=20)
+            assert _admin_addresses(OWNER) == []
+        finally:
+            harness.stop()
+
+
+class TestStormBudget:
+    def test_capacity_describes_only_when_its_view_is_stale(self, aws):
+        backend, h = started(aws, capacity_refresh=20)
+        clock = backend.clock = _Clock()
+        backend._full_at = clock.now                          # as start() left it
+        infos = spawn_many(backend, [request() for _ in range(3)], workers=3)
+        h.reset_counts()
+        cap = backend.get_capacity([SMALL])
+        assert h.calls["DescribeInstances"] == 0
+        assert cap.vcpus_used == 3 * 2                         # our launches are counted
+        clock.now += 21
+        backend.get_capacity([SMALL])
+        backend.get_capacity([SMALL])
+        assert h.calls["DescribeInstances"] == 1
+        # A poll that describes all our instances is as good as a refresh.
+        clock.now += 21
+        backend.poll([InstanceRef(i.instance_uuid) for i in infos])
+        backend.get_capacity([SMALL])
+        assert h.calls["DescribeInstances"] == 2
+
+    def test_a_batch_keeps_collecting_while_its_spec_is_being_sent(self, aws):
+        # The first launch takes 0.6 s at EC2; builds trickling in meanwhile,
+        # with gaps longer than batch_idle, go out together once it answered.
+        backend, h = started(aws, batch_idle=0.05, batch_max=2.0)
+        h.slow_next("RunInstances", 0.6)
+        reqs = [request() for _ in range(4)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = []
+            for req in reqs:
+                futures.append(pool.submit(backend.spawn, req))
+                time.sleep(0.15)
+            infos = [f.result(10) for f in futures]
+        assert len({i.backend_id for i in infos}) == 4
+        assert [b["MinCount"] for b in h.requests["RunInstances"]] == [1, 3]
