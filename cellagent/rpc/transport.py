@@ -125,6 +125,7 @@ class KombuPublisher:
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
         self._pending = collections.deque()
+        self._exchanges = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._conn = None
@@ -152,14 +153,18 @@ class KombuPublisher:
         topic = topic_for(base, message.message_type)
         # Serialized here, once, on the caller's thread.
         body = jsonutils.dumpb(intercell.envelope(message))
-        if message.fanout:
-            exchange = kombu.Exchange("%s_fanout" % topic, type="fanout",
-                                      durable=False, auto_delete=True)
-            item = _Item(body, exchange, "")
-        else:
-            exchange = kombu.Exchange("nova", type="topic", durable=self._durable,
-                                      auto_delete=False)
-            item = _Item(body, exchange, topic)
+        key = (topic, message.fanout)
+        exchange = self._exchanges.get(key)
+        if exchange is None:
+            # Built once per topic: a kombu Exchange is not cheap to make.
+            if message.fanout:
+                exchange = kombu.Exchange("%s_fanout" % topic, type="fanout",
+                                          durable=False, auto_delete=True)
+            else:
+                exchange = kombu.Exchange("nova", type="topic", durable=self._durable,
+                                          auto_delete=False)
+            self._exchanges[key] = exchange
+        item = _Item(body, exchange, "" if message.fanout else topic)
         with self._cond:
             if self._stopping:
                 item.future.set_exception(PublishError("publisher is stopped"))
