@@ -65,6 +65,8 @@ from moto import mock_aws  # noqa: E402
 from oslo_config import cfg  # noqa: E402
 
 from cellagent.backends import ec2  # noqa: E402
+from cellagent.backends.ec2_support import (  # noqa: E402
+    BATCH_TAG, CELL_TAG, OWNER_TAG, SLOT_PREFIX)
 from cellagent.objects import InstanceRef  # noqa: E402
 
 REGION = "us-east-1"
@@ -447,7 +449,7 @@ def storm_window(args, storm, casts):
     times = sorted(parent.active_at[u] - t0 for u in uuids)
     existing = sum(1 for page in admin_client().get_paginator(
         "describe_instances").paginate(Filters=[{
-            "Name": "tag:" + ec2.OWNER_TAG, "Values": ["bench-storm"]}])
+            "Name": "tag:" + OWNER_TAG, "Values": ["bench-storm"]}])
         for r in page["Reservations"] for _ in r["Instances"])
     log("storm: %d active in %.1f s, %d EC2 calls (%.4f per instance)",
         active, window, total, total / n)
@@ -491,9 +493,9 @@ def seed_instances(client, ami, owner, cell, m, batch, rng):
         left -= size
         uuids = [str(uuidlib.UUID(int=rng.getrandbits(128), version=4)) for _ in range(size)]
         token = "%064x" % rng.getrandbits(256)
-        tags = [{"Key": ec2.OWNER_TAG, "Value": owner}, {"Key": ec2.CELL_TAG, "Value": cell},
-                {"Key": ec2.BATCH_TAG, "Value": token}]
-        tags += [{"Key": ec2.SLOT_PREFIX + u, "Value": "1:%d" % i} for i, u in enumerate(uuids)]
+        tags = [{"Key": OWNER_TAG, "Value": owner}, {"Key": CELL_TAG, "Value": cell},
+                {"Key": BATCH_TAG, "Value": token}]
+        tags += [{"Key": SLOT_PREFIX + u, "Value": "1:%d" % i} for i, u in enumerate(uuids)]
         resp = client.run_instances(
             ImageId=ami, InstanceType=INSTANCE_TYPE, MinCount=size, MaxCount=size,
             ClientToken=token, TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])

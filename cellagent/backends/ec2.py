@@ -62,10 +62,13 @@ capped by ``max_instances`` and ``max_cost_per_hour``, and 0 for a type in
 the insufficient-capacity cache. RAM and disk are the same headroom at the
 most generous flavor's MB per vCPU, so they never bind before the vCPUs.
 Launches are checked against the same figures before RunInstances.
+
+**Modules.** ``EC2Backend`` is here; ``ec2_support`` has the tag names,
+error codes, rate limiter and launch spec and ``expired_leases`` (the
+watchdog); ``ec2_addresses`` and ``ec2_keys`` have the Elastic IP and key
+pair methods, as mixins ``EC2Backend`` inherits.
 """
 
-import base64
-import binascii
 import collections
 import contextlib
 import copy
@@ -83,6 +86,14 @@ from oslo_config import cfg
 
 from cellagent import exception
 from cellagent.backends import base
+from cellagent.backends.ec2_addresses import ElasticIPMixin
+from cellagent.backends.ec2_keys import KeyPairMixin
+from cellagent.backends.ec2_support import (AUTH_CODES, BATCH_TAG, CAPACITY_CODES, CELL_TAG,
+                                            GENERATION_TAG, LEASE_TAG, MAX_FILTER_VALUES,
+                                            NOT_FOUND_CODES, OWNER_TAG, RESERVED_TAG_PREFIXES,
+                                            SLOT_PREFIX, STATE_CODES, THROTTLE_CODES,
+                                            UNAVAILABLE_CODES, UUID_TAG, LaunchSpec,
+                                            decode_console, error_code, shared_limiter)
 from cellagent.objects import Address
 from cellagent.objects import Capacity
 from cellagent.objects import InstanceInfo
@@ -91,19 +102,9 @@ from cellagent.objects import RebootKind
 
 LOG = logging.getLogger(__name__)
 
-OWNER_TAG = "cellagent:owner"
-CELL_TAG = "cellagent:cell"
-BATCH_TAG = "cellagent:batch"
-UUID_TAG = "cellagent:instance_uuid"
-GENERATION_TAG = "cellagent:generation"
-LEASE_TAG = "cellagent:lease-until"      # Unix time; see [ec2] lease_seconds
-SLOT_PREFIX = "cellagent:instance:"      # + instance uuid = "<generation>:<launch index>"
-RESERVED_TAG_PREFIXES = ("cellagent:", "aws:")
-
 _MAX_TAGS = 50              # EC2: tags per resource
 _BASE_TAGS = 3              # owner, cell, batch
 _LONE_TAGS = 3              # instance_uuid, generation, Name (a batch of one)
-_MAX_FILTER_VALUES = 200    # EC2: values of one filter
 _PAGE_SIZE = 1000           # DescribeInstances MaxResults
 _TYPES_PER_CALL = 100       # DescribeInstanceTypes InstanceTypes
 _QUOTA_CODE = "L-1216C47A"  # Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances
@@ -111,117 +112,10 @@ _QUOTA_TTL = 3600.0
 _LIVE = frozenset({"pending", "running", "stopping", "shutting-down"})   # count as running
 _GONE = frozenset({"shutting-down", "terminated"})
 
-_THROTTLE_CODES = frozenset({
-    "RequestLimitExceeded", "Throttling", "ThrottlingException", "ThrottledException",
-    "RequestThrottled", "RequestThrottledException", "TooManyRequestsException",
-    "EC2ThrottledException", "SlowDown", "PriorRequestNotComplete", "BandwidthLimitExceeded",
-})
-_UNAVAILABLE_CODES = frozenset({
-    "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable",
-    "RequestTimeout", "RequestTimeoutException",
-})
-_CAPACITY_CODES = frozenset({
-    "InsufficientInstanceCapacity", "InstanceLimitExceeded", "VcpuLimitExceeded",
-    "InsufficientHostCapacity", "InsufficientCapacity",
-})
-_AUTH_CODES = frozenset({
-    "AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
-    "ExpiredToken", "OptInRequired", "Blocked", "AccessDenied", "AccessDeniedException",
-    "UnrecognizedClientException", "MissingAuthenticationToken", "PendingVerification",
-})
-_NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
-_STATE_CODES = frozenset({"IncorrectInstanceState", "IncorrectState", "InvalidInstanceState"})
 _IMAGE_NOT_FOUND = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Malformed",
                               "InvalidAMIID.Unavailable"})
 _IMAGE_STATUS = {"pending": "pending", "available": "available"}    # anything else: failed
 _IMAGE_NAME_BAD = re.compile(r"[^A-Za-z0-9()\[\] ./'@_-]")
-
-
-def _code(exc):
-    return exc.response.get("Error", {}).get("Code", "") if hasattr(exc, "response") else ""
-
-
-class RateLimiter:
-    """A token bucket with AIMD rate control, for one account and region.
-
-    ``acquire`` blocks until a request may go. ``throttled`` halves the rate
-    (at most once a second: the throttled answers to requests already sent
-    at the old rate are one signal, not many) and empties the bucket;
-    ``succeeded`` adds a twentieth of the configured rate back.
-    """
-
-    def __init__(self, rate, burst, clock=time.monotonic, sleep=time.sleep):
-        self.max_rate = float(rate)
-        self.min_rate = min(1.0, self.max_rate)
-        self.rate = self.max_rate
-        self.burst = float(burst)
-        self.tokens = self.burst
-        self.stats = collections.Counter()
-        self._clock = clock
-        self._sleep = sleep
-        self._stamp = clock()
-        self._last_cut = float("-inf")
-        self._lock = threading.Lock()
-
-    def acquire(self):
-        while True:
-            with self._lock:
-                now = self._clock()
-                self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self.tokens >= 1.0:
-                    self.tokens -= 1.0
-                    self.stats["requests"] += 1
-                    return
-                wait = (1.0 - self.tokens) / self.rate
-                self.stats["waits"] += 1
-            self._sleep(wait)
-
-    def throttled(self):
-        with self._lock:
-            self.stats["throttled"] += 1
-            now = self._clock()
-            if now - self._last_cut >= 1.0:
-                self._last_cut = now
-                self.rate = max(self.min_rate, self.rate / 2.0)
-                self.tokens = min(self.tokens, 0.0)
-
-    def succeeded(self):
-        with self._lock:
-            self.rate = min(self.max_rate, self.rate + self.max_rate / 20.0)
-
-
-# NOTE: module-level on purpose. EC2 throttles per account and region, not
-# per backend object, and the demo runs several cells in one process: they
-# must draw on one bucket. Keyed by endpoint, region and credential identity
-# (a digest, never the key itself).
-_LIMITERS = {}
-_LIMITERS_LOCK = threading.Lock()
-
-
-def shared_limiter(key, rate, burst):
-    """The process's RateLimiter for ``key`` (created with rate/burst on first use)."""
-    with _LIMITERS_LOCK:
-        limiter = _LIMITERS.get(key)
-        if limiter is None:
-            limiter = _LIMITERS[key] = RateLimiter(rate, burst)
-        return limiter
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchSpec:
-    """What makes two builds launchable by one RunInstances."""
-
-    image_id: str
-    instance_type: str
-    subnet_id: str = ""
-    security_groups: tuple = ()
-    key_name: str = ""
-    user_data: str = ""
-    hibernate: bool = False
-
-    def digest(self):
-        return hashlib.sha256(repr(dataclasses.astuple(self)).encode()).hexdigest()
 
 
 class _Item:
@@ -249,24 +143,13 @@ class _Batch:
 
 
 @dataclasses.dataclass
-class _Address:
-    """Our Elastic IP of one instance uuid, as far as we know it."""
-
-    allocation_id: str
-    public_ip: str
-    instance_id: str = ""       # the instance it is associated with, if any
-    association_id: str = ""
-    associated_at: float = 0.0  # clock() of our AssociateAddress
-
-
-@dataclasses.dataclass
 class _Usage:
     instances: int = 0
     vcpus: int = 0
     cost: float = 0.0
 
 
-class EC2Backend(base.Backend):
+class EC2Backend(ElasticIPMixin, KeyPairMixin, base.Backend):
     """Instances of this cell as EC2 instances; see the module docstring and ``[ec2]``.
 
     ``clock`` (monotonic seconds) times the grace and cache windows; tests
@@ -328,7 +211,7 @@ class EC2Backend(base.Backend):
         self._sending = collections.Counter()   # LaunchSpec -> batches being sent
         self._keys = set()        # EC2 key pairs imported (or found) since start
         self._key_imports = {}    # key pair name -> Event, while one thread imports it
-        self._eips = {}           # instance uuid -> _Address (our Elastic IP for it)
+        self._eips = {}           # instance uuid -> ec2_addresses._Address (our Elastic IP)
         self._eip_faults = {}     # instance uuid -> why EC2 refused it an Elastic IP
 
     # -- life cycle -------------------------------------------------------
@@ -561,7 +444,7 @@ class EC2Backend(base.Backend):
                     TagSpecifications=[{"ResourceType": "image", "Tags": tags}],
                 )["ImageId"]
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) != "InvalidAMIName.Duplicate":
+                if error_code(exc) != "InvalidAMIName.Duplicate":
                     raise
                 image_id = self._own_image(image_name, ref)
         with self._cond:
@@ -577,7 +460,7 @@ class EC2Backend(base.Backend):
             try:
                 images = self._client.describe_images(ImageIds=[image_id])["Images"]
             except botocore.exceptions.ClientError as exc:
-                if _code(exc) not in _IMAGE_NOT_FOUND:
+                if error_code(exc) not in _IMAGE_NOT_FOUND:
                     raise
                 images = []
         if not images:
@@ -602,7 +485,7 @@ class EC2Backend(base.Backend):
         if not refs:
             return {}
         ids = sorted({r.backend_id for r in refs if r.backend_id})
-        if all(r.backend_id for r in refs) and len(ids) <= _MAX_FILTER_VALUES:
+        if all(r.backend_id for r in refs) and len(ids) <= MAX_FILTER_VALUES:
             instances = self._describe([{"Name": "instance-id", "Values": ids}])
             self._observe(instances)
         else:
@@ -713,7 +596,7 @@ class EC2Backend(base.Backend):
         inst = self._current(ref)
         with self._translate_errors("GetConsoleOutput", ref):
             raw = self._client.get_console_output(InstanceId=inst["InstanceId"]).get("Output")
-        lines = _decode_console(raw).splitlines()
+        lines = decode_console(raw).splitlines()
         if tail_length is not None:
             lines = lines[-tail_length:] if tail_length > 0 else []
         return "\n".join(lines)
@@ -786,8 +669,8 @@ class EC2Backend(base.Backend):
         uuids = sorted({item.request.instance_uuid for item in batch.items})
         if self._lookup_needless(batch.items):
             uuids = []
-        for start in range(0, len(uuids), _MAX_FILTER_VALUES):
-            keys = [SLOT_PREFIX + u for u in uuids[start:start + _MAX_FILTER_VALUES]]
+        for start in range(0, len(uuids), MAX_FILTER_VALUES):
+            keys = [SLOT_PREFIX + u for u in uuids[start:start + MAX_FILTER_VALUES]]
             for inst in self._describe([self._owner_filter(),
                                         {"Name": "tag-key", "Values": keys}]):
                 uuid, generation = self._decode(inst)
@@ -1167,151 +1050,6 @@ class EC2Backend(base.Backend):
             backend=self.name, reason="an image named %r exists already and is not a "
             "snapshot of instance %s" % (image_name, ref.instance_uuid))
 
-    # -- Elastic IPs ([ec2] elastic_ip) ---------------------------------------------
-
-    def _elastic_ips(self, running, result):
-        """Give each running instance its Elastic IP (poll only).
-
-        An instance is reported RUNNING once EC2 describes it with its
-        address, PENDING until then (the next tick looks again), ERROR when
-        EC2 refuses an address. Allocations whose answer was lost are found
-        by their instance uuid tag first: one DescribeAddresses per tick for
-        the instances this process knows no address of.
-        """
-        with self._cond:
-            unknown = sorted({r.instance_uuid for r, _ in running
-                              if r.instance_uuid not in self._eips})
-        looked_up = None
-        try:
-            for start in range(0, len(unknown), _MAX_FILTER_VALUES):
-                found = self._describe_addresses([self._owner_filter(), {
-                    "Name": "tag:" + UUID_TAG,
-                    "Values": unknown[start:start + _MAX_FILTER_VALUES]}])
-                with self._cond:
-                    for address in found:
-                        self._eips.setdefault(address["_uuid"], _Address(
-                            address["AllocationId"], address.get("PublicIp", ""),
-                            address.get("InstanceId", ""), address.get("AssociationId", "")))
-        except exception.BackendError as exc:
-            looked_up = exc             # allocating now could give one instance two
-        for ref, inst in running:
-            uuid, bid = ref.instance_uuid, inst["InstanceId"]
-            with self._cond:
-                if uuid in self._eip_faults:
-                    continue                    # _to_info made it ERROR
-                address = self._eips.get(uuid)
-            if looked_up is not None and uuid in unknown:
-                self._eip_failed(result, uuid, looked_up)
-                continue
-            if address is not None and address.instance_id == bid:
-                if inst.get("PublicIpAddress") == address.public_ip:
-                    continue                    # running with its address
-                if self.clock() - address.associated_at < self._opts.lost_instance_grace:
-                    # Associated by us a moment ago; describes lag behind.
-                    result[uuid] = dataclasses.replace(result[uuid],
-                                                       state=InstanceState.PENDING)
-                    continue
-            try:
-                if address is None:
-                    address = self._allocate_address(uuid)
-                self._associate_address(address, bid, uuid)
-            except exception.BackendError as exc:
-                self._eip_failed(result, uuid, exc)
-                continue
-            # PENDING until a describe shows the instance with its address.
-            result[uuid] = dataclasses.replace(result[uuid], state=InstanceState.PENDING)
-
-    def _eip_failed(self, result, uuid, exc):
-        """Retryable trouble: PENDING, again at the next tick; a refusal: ERROR."""
-        if exc.retryable or isinstance(exc, exception.InstanceNotFound):
-            LOG.warning("[instance: %(uuid)s] Elastic IP not attached yet, trying again at "
-                        "the next poll: %(err)s", {"uuid": uuid, "err": exc.message})
-            result[uuid] = dataclasses.replace(result[uuid], state=InstanceState.PENDING)
-            return
-        fault = "Elastic IP refused: %s" % exc.message
-        LOG.error("[instance: %(uuid)s] %(fault)s", {"uuid": uuid, "fault": fault})
-        with self._cond:
-            self._eip_faults[uuid] = fault
-        result[uuid] = dataclasses.replace(result[uuid], state=InstanceState.ERROR, fault=fault)
-
-    def _allocate_address(self, uuid):
-        with self._translate_errors("AllocateAddress for instance %s" % uuid):
-            resp = self._client.allocate_address(Domain="vpc", TagSpecifications=[{
-                "ResourceType": "elastic-ip", "Tags": self._tags({UUID_TAG: uuid})}])
-        address = _Address(resp["AllocationId"], resp.get("PublicIp", ""))
-        with self._cond:
-            self._eips[uuid] = address
-        LOG.info("[instance: %(uuid)s] allocated Elastic IP %(ip)s (%(id)s)",
-                 {"uuid": uuid, "ip": address.public_ip, "id": address.allocation_id})
-        return address
-
-    def _associate_address(self, address, backend_id, uuid):
-        try:
-            with self._translate_errors("AssociateAddress for instance %s" % uuid):
-                resp = self._client.associate_address(
-                    AllocationId=address.allocation_id, InstanceId=backend_id,
-                    AllowReassociation=True)
-        except exception.BackendError as exc:
-            if "InvalidAllocationID.NotFound" in exc.message:
-                # Released behind our back: allocate another next time.
-                with self._cond:
-                    self._eips.pop(uuid, None)
-                exc.retryable = True
-            raise
-        with self._cond:
-            address.instance_id = backend_id
-            address.association_id = resp.get("AssociationId", "")
-            address.associated_at = self.clock()
-        LOG.info("[instance: %(uuid)s] Elastic IP %(ip)s associated with %(bid)s",
-                 {"uuid": uuid, "ip": address.public_ip, "bid": backend_id})
-
-    def _addresses_of(self, uuid):
-        """Our addresses for ``uuid``: the one we know, else found by tag."""
-        with self._cond:
-            known = self._eips.get(uuid)
-        if known is not None:
-            return [{"AllocationId": known.allocation_id, "PublicIp": known.public_ip,
-                     "AssociationId": known.association_id, "_uuid": uuid}]
-        return self._describe_addresses([self._owner_filter(),
-                                         {"Name": "tag:" + UUID_TAG, "Values": [uuid]}])
-
-    def _release_addresses(self, addresses, why):
-        """Disassociate and release ``addresses``; already gone is done."""
-        for address in addresses:
-            uuid = address.get("_uuid", "")
-            with self._translate_errors("releasing Elastic IP %s of instance %s" % (
-                    address.get("PublicIp"), uuid)):
-                try:
-                    if address.get("AssociationId"):
-                        self._client.disassociate_address(
-                            AssociationId=address["AssociationId"])
-                except botocore.exceptions.ClientError as exc:
-                    if _code(exc) not in ("InvalidAssociationID.NotFound",
-                                          "InvalidAddress.NotFound"):
-                        raise
-                try:
-                    self._client.release_address(AllocationId=address["AllocationId"])
-                except botocore.exceptions.ClientError as exc:
-                    if _code(exc) not in ("InvalidAllocationID.NotFound",
-                                          "InvalidAddress.NotFound"):
-                        raise
-            with self._cond:
-                self._eips.pop(uuid, None)
-                self._eip_faults.pop(uuid, None)
-            LOG.info("[instance: %(uuid)s] released Elastic IP %(ip)s (%(why)s)",
-                     {"uuid": uuid, "ip": address.get("PublicIp"), "why": why})
-
-    def _describe_addresses(self, filters):
-        """Our Elastic IPs matching ``filters``, each with its uuid tag as ``_uuid``."""
-        with self._translate_errors("DescribeAddresses"):
-            addresses = self._client.describe_addresses(Filters=filters).get("Addresses", [])
-        out = []
-        for address in addresses:
-            tags = {t["Key"]: t["Value"] for t in address.get("Tags", [])}
-            if tags.get(OWNER_TAG) == self.owner and tags.get(UUID_TAG):
-                out.append(dict(address, _uuid=tags[UUID_TAG]))
-        return out
-
     # -- power ------------------------------------------------------------------
 
     def _stop(self, ref, what, hibernate):
@@ -1430,7 +1168,7 @@ class EC2Backend(base.Backend):
                 try:
                     images = self._client.describe_images(ImageIds=[ami])["Images"]
                 except botocore.exceptions.ClientError as exc:
-                    if _code(exc) not in _IMAGE_NOT_FOUND:
+                    if error_code(exc) not in _IMAGE_NOT_FOUND:
                         raise
                     images = []
             if not images or images[0].get("State") not in ("available", "pending"):
@@ -1456,11 +1194,11 @@ class EC2Backend(base.Backend):
                 try:
                     getattr(self._client, method)(**{param: values})
                 except botocore.exceptions.ClientError as exc:
-                    if not _code(exc).endswith((".NotFound", ".Malformed")):
+                    if not error_code(exc).endswith((".NotFound", ".Malformed")):
                         raise
                     raise exception.ConfigurationError(
                         reason="[ec2] %s: %s" % (option, self._scrub(
-                            exc.response["Error"].get("Message", _code(exc)))))
+                            exc.response["Error"].get("Message", error_code(exc)))))
 
     def _ensure_types(self, types):
         """Learn the vCPUs of ``types``; returns the ones the region does not offer."""
@@ -1472,7 +1210,7 @@ class EC2Backend(base.Backend):
                 try:
                     found = self._describe_types(chunk)
                 except botocore.exceptions.ClientError as exc:
-                    if _code(exc) != "InvalidInstanceType":
+                    if error_code(exc) != "InvalidInstanceType":
                         raise
                     # Rare (a typo): find which ones, one call each.
                     found = {}
@@ -1480,7 +1218,7 @@ class EC2Backend(base.Backend):
                         try:
                             found.update(self._describe_types([itype]))
                         except botocore.exceptions.ClientError as one:
-                            if _code(one) != "InvalidInstanceType":
+                            if error_code(one) != "InvalidInstanceType":
                                 raise
             with self._cond:
                 self._types.update(found)
@@ -1553,47 +1291,6 @@ class EC2Backend(base.Backend):
                         name, request.instance_uuid))
         return tuple(sorted(ids))
 
-    def _key_name(self, request):
-        """The EC2 key pair for the build: its own key imported, else [ec2] key_name."""
-        key_data = (request.key_data or "").strip()
-        if self._opts.key_pair_mode != "import" or not key_data:
-            return self._opts.key_name or ""
-        name = key_pair_name(key_data)
-        while True:
-            with self._cond:
-                if name in self._keys:
-                    return name
-                importing = self._key_imports.get(name)
-                if importing is None:
-                    importing = self._key_imports[name] = threading.Event()
-                    break
-            importing.wait()      # another build imports it; then look again
-        try:
-            self._import_key(name, key_data, request.instance_uuid)
-            with self._cond:
-                self._keys.add(name)
-        finally:
-            with self._cond:
-                del self._key_imports[name]
-            importing.set()
-        return name
-
-    def _import_key(self, name, key_data, instance_uuid):
-        with self._translate_errors("importing the key pair of instance %s" % instance_uuid):
-            try:
-                self._client.import_key_pair(
-                    KeyName=name, PublicKeyMaterial=key_data.encode(),
-                    TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tags({})}])
-            except botocore.exceptions.ClientError as exc:
-                # The name is the key's digest: a key pair of that name is
-                # this key, imported by another process or before a restart.
-                if _code(exc) != "InvalidKeyPair.Duplicate":
-                    raise
-                LOG.debug("Key pair %s exists already", name)
-                return
-        LOG.info("[instance: %(uuid)s] imported its public key as EC2 key pair %(name)s",
-                 {"uuid": instance_uuid, "name": name})
-
     def _owner_filter(self):
         return {"Name": "tag:" + OWNER_TAG, "Values": [self.owner]}
 
@@ -1620,7 +1317,7 @@ class EC2Backend(base.Backend):
 
     def _response_received(self, parsed_response=None, **kwargs):
         code = ((parsed_response or {}).get("Error") or {}).get("Code")
-        if code in _THROTTLE_CODES:
+        if code in THROTTLE_CODES:
             self.limiter.throttled()
         elif kwargs.get("exception") is None and parsed_response is not None and not code:
             self.limiter.succeeded()
@@ -1659,18 +1356,18 @@ class EC2Backend(base.Backend):
         code = error.get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         reason = "%s: %s: %s" % (what, code or status, self._scrub(error.get("Message", exc)))
-        if code in _THROTTLE_CODES or code in _UNAVAILABLE_CODES or status >= 500:
+        if code in THROTTLE_CODES or code in UNAVAILABLE_CODES or status >= 500:
             return exception.BackendUnavailable(backend=self.name, reason=reason)
-        if code in _CAPACITY_CODES:
+        if code in CAPACITY_CODES:
             if instance_type:
                 self._mark_unavailable(instance_type, code)
             return exception.InsufficientCapacity(backend=self.name, reason=reason)
-        if code in _AUTH_CODES:
+        if code in AUTH_CODES:
             return exception.BackendAuthError(backend=self.name, reason=reason)
-        if code in _NOT_FOUND_CODES:
+        if code in NOT_FOUND_CODES:
             return exception.InstanceNotFound(
                 instance_id=ref.instance_uuid if ref else None, backend=self.name)
-        if code in _STATE_CODES:
+        if code in STATE_CODES:
             return exception.BackendError(backend=self.name, retryable=True, reason=reason)
         return exception.BackendError(backend=self.name, reason=reason)
 
@@ -1733,55 +1430,3 @@ def _cell_name(conf):
         return conf.cells.name
     except (AttributeError, cfg.Error):
         return None
-
-
-def _decode_console(raw):
-    """EC2 returns base64 text; some stand-ins (moto) return it decoded."""
-    if not raw:
-        return ""
-    try:
-        data = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        return raw
-    return data.decode("utf-8", errors="replace")
-
-
-def key_pair_name(key_data):
-    """The EC2 key pair name for an OpenSSH public key: ``cellagent-<digest>``.
-
-    The digest is the SHA-256 of the key blob (the base64 field), as
-    OpenSSH fingerprints it, so the same key with another comment is the
-    same key pair; 20 hex digits (80 bits) keep names short and unique.
-    """
-    fields = key_data.split()
-    blob = key_data.strip().encode()
-    if len(fields) >= 2:
-        with contextlib.suppress(binascii.Error, ValueError):
-            blob = base64.b64decode(fields[1], validate=True)
-    return "cellagent-" + hashlib.sha256(blob).hexdigest()[:20]
-
-
-def expired_leases(client, now=None, owner=None):
-    """Instances whose ``cellagent:lease-until`` is in the past (the watchdog).
-
-    ``owner`` limits it to one cell's instances. Instances without the tag,
-    or already shutting down, are not listed.
-    """
-    now = time.time() if now is None else now
-    filters = [{"Name": "tag-key", "Values": [LEASE_TAG]},
-               {"Name": "instance-state-name",
-                "Values": ["pending", "running", "stopping", "stopped"]}]
-    if owner:
-        filters.append({"Name": "tag:" + OWNER_TAG, "Values": [owner]})
-    out = []
-    for page in client.get_paginator("describe_instances").paginate(Filters=filters):
-        for res in page["Reservations"]:
-            for inst in res["Instances"]:
-                tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
-                try:
-                    until = float(tags.get(LEASE_TAG, ""))
-                except ValueError:
-                    continue
-                if until < now:
-                    out.append((inst["InstanceId"], tags.get(OWNER_TAG, ""), until))
-    return out

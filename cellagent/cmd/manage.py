@@ -496,11 +496,11 @@ def _ec2_watchdog(conf):
     import datetime
 
     from cellagent import exception
-    from cellagent.backends import ec2 as ec2_backend
+    from cellagent.backends import ec2_support
     args = conf.command
     client = _ec2_client(conf, args)
     try:
-        expired = ec2_backend.expired_leases(client, owner=args.ec2_owner)
+        expired = ec2_support.expired_leases(client, owner=args.ec2_owner)
         for instance_id, owner, until in expired:
             when = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
             print("%s %s (owner %s, lease ended %s)" % (

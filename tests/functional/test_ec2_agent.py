@@ -15,7 +15,7 @@ import uuid
 import boto3
 import pytest
 
-from cellagent.backends.ec2 import key_pair_name
+from cellagent.backends.ec2_keys import key_pair_name
 from tests.functional.conftest import wait_for
 from tests.functional.test_lifecycle import action, build_message, check_format, example
 

@@ -22,6 +22,8 @@ from oslo_config import cfg
 from cellagent import exception
 from cellagent.backends import base
 from cellagent.backends import ec2
+from cellagent.backends import ec2_keys
+from cellagent.backends import ec2_support
 from cellagent.backends import load_backend
 from cellagent.conf import backend as backend_conf
 from cellagent.conf import ec2 as ec2_conf
@@ -51,7 +53,7 @@ def aws(monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
     monkeypatch.setattr(sys.modules[__name__], "OWNER", "cell-%s" % uuidlib.uuid4().hex[:8])
-    monkeypatch.setattr(ec2, "_LIMITERS", {})
+    monkeypatch.setattr(ec2_support, "_LIMITERS", {})
     monkeypatch.setattr(ec2.EC2Backend, "session_factory",
                         staticmethod(ec2_harness.shared_loader_session))
     monkeypatch.setattr(botocore.retries.standard.ExponentialBackoff, "delay_amount",
@@ -599,10 +601,10 @@ class TestLifecycle:
         ref = self.running(backend)
         text = backend.get_console_output(ref)
         assert "Linux version" in text        # moto answers decoded text
-        assert ec2._decode_console(base64.b64encode(b"line1\nline2\n").decode()) == \
+        assert ec2_support.decode_console(base64.b64encode(b"line1\nline2\n").decode()) == \
             "line1\nline2\n"
-        assert ec2._decode_console("not base64 ===") == "not base64 ==="
-        assert ec2._decode_console(None) == ""
+        assert ec2_support.decode_console("not base64 ===") == "not base64 ==="
+        assert ec2_support.decode_console(None) == ""
 
     def test_destroy_by_uuid_terminates_every_generation_left(self, aws):
         backend, _ = started(aws)
@@ -653,7 +655,7 @@ class TestErrors:
         two, _ = started(aws)
         other, _ = started(aws, access_key_id="AKIDOTHER", secret_access_key="other")
         assert one.limiter is two.limiter and one.limiter is not other.limiter
-        assert ACCESS_KEY not in repr(list(ec2._LIMITERS))
+        assert ACCESS_KEY not in repr(list(ec2_support._LIMITERS))
 
     def test_limiter_paces_requests(self):
         now = [0.0]
@@ -663,7 +665,7 @@ class TestErrors:
             slept.append(seconds)
             now[0] += seconds
 
-        limiter = ec2.RateLimiter(10.0, 2, clock=lambda: now[0], sleep=sleep)
+        limiter = ec2_support.RateLimiter(10.0, 2, clock=lambda: now[0], sleep=sleep)
         for _ in range(4):
             limiter.acquire()
         assert sum(slept) == pytest.approx(0.2)
@@ -922,10 +924,10 @@ class TestLease:
         assert backend.renew_lease(now) == 3
         assert h.calls["CreateTags"] == 1                 # one call for all of them
         client = ec2_harness.admin_client()
-        assert ec2.expired_leases(client, now=now + 10, owner=OWNER) == []
-        expired = ec2.expired_leases(client, now=now + 301, owner=OWNER)
+        assert ec2_support.expired_leases(client, now=now + 10, owner=OWNER) == []
+        expired = ec2_support.expired_leases(client, now=now + 301, owner=OWNER)
         assert sorted(i for i, _o, _u in expired) == sorted(i.backend_id for i in infos)
-        assert ec2.expired_leases(client, now=now + 301, owner="another-cell") == []
+        assert ec2_support.expired_leases(client, now=now + 301, owner="another-cell") == []
 
         # The watchdog command: nothing has expired yet, so nothing goes.
         from cellagent.cmd import manage
@@ -974,15 +976,15 @@ class TestKeyPairs:
         reqs += [request(key_name="bob", key_data=bob) for _ in range(10)]
         infos = spawn_many(backend, reqs, workers=40)
         assert h.calls["ImportKeyPair"] == 2
-        names = {ec2.key_pair_name(alice), ec2.key_pair_name(bob)}
+        names = {ec2_keys.key_pair_name(alice), ec2_keys.key_pair_name(bob)}
         assert all(n.startswith("cellagent-") and len(n) == 30 for n in names)
         pairs = {k["KeyName"]: k for k in ec2_harness.admin_client().describe_key_pairs(
             KeyNames=sorted(names))["KeyPairs"]}
         assert set(pairs) == names
-        assert tags_of(pairs[ec2.key_pair_name(alice)])["cellagent:owner"] == OWNER
+        assert tags_of(pairs[ec2_keys.key_pair_name(alice)])["cellagent:owner"] == OWNER
         by_id = {i["InstanceId"]: i for i in ec2_harness.admin_instances(OWNER)}
         for req, info in zip(reqs, infos, strict=True):
-            assert by_id[info.backend_id]["KeyName"] == ec2.key_pair_name(req.key_data)
+            assert by_id[info.backend_id]["KeyName"] == ec2_keys.key_pair_name(req.key_data)
         # A key is part of the launch spec: two keys, never one RunInstances.
         assert {tuple(sorted({b["KeyName"] for b in h.requests["RunInstances"]}))} == {
             tuple(sorted(names))}
@@ -994,22 +996,22 @@ class TestKeyPairs:
 
     def test_a_key_pair_already_there_is_used(self, aws):
         key = public_key()
-        ec2_harness.admin_client().import_key_pair(KeyName=ec2.key_pair_name(key),
+        ec2_harness.admin_client().import_key_pair(KeyName=ec2_keys.key_pair_name(key),
                                                    PublicKeyMaterial=key.encode())
         backend, h = started(aws)
         info = backend.spawn(request(key_data=key))
         assert h.calls["ImportKeyPair"] == 1 and h.faults == {}
         inst, = ec2_harness.admin_instances(OWNER)
         assert inst["InstanceId"] == info.backend_id
-        assert inst["KeyName"] == ec2.key_pair_name(key)
+        assert inst["KeyName"] == ec2_keys.key_pair_name(key)
         backend.spawn(request(key_data=key))              # known now: no call
         assert h.calls["ImportKeyPair"] == 1
 
     def test_name_is_the_key_not_its_comment(self):
         key = public_key("one")
         same = key.rsplit(" ", 1)[0] + " another-comment"
-        assert ec2.key_pair_name(key) == ec2.key_pair_name(same)
-        assert ec2.key_pair_name(key) != ec2.key_pair_name(public_key("one"))
+        assert ec2_keys.key_pair_name(key) == ec2_keys.key_pair_name(same)
+        assert ec2_keys.key_pair_name(key) != ec2_keys.key_pair_name(public_key("one"))
 
     def test_without_key_data_or_in_fixed_mode_the_configured_key(self, aws):
         ec2_harness.admin_client().create_key_pair(KeyName="ops")
