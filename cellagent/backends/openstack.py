@@ -29,6 +29,17 @@ and whenever a ref names a server the cache does not know.
 RAM), capped by the operator's budget counted over our own servers. A
 create refused with a quota 403 reports no room at once, until the next
 delete of ours or ``_QUOTA_HOLD`` seconds.
+
+**Resize.** Nova answers a resize with 202 and schedules it afterwards, so
+``resize`` waits (up to ``_RESIZE_SCHEDULE_WAIT``) for a host: a resize
+Nova gives up on there (NoValidHost; the server settles back with its old
+flavor) is raised as ``InsufficientCapacity``, with the failed event of the
+instance action. One that fails later, on the compute, and is rolled back
+is reported by ``poll`` once as ERROR with that fault, never as resized.
+
+**Cloud unreachable.** Every call raises ``BackendUnavailable`` (retryable)
+while the cloud does not answer; nothing is cached as deleted. A cloud
+that comes back with its servers (a restart) is seen by the next full list.
 """
 
 import contextlib
@@ -66,6 +77,8 @@ _SKEW_MARGIN = 5.0          # seconds subtracted from the changes-since mark
 _FULL_SYNC = 300.0          # seconds between full lists in poll
 _QUOTA_HOLD = 60.0          # seconds a quota 403 zeroes the reported room
 _TIMEOUT = 60.0             # seconds per HTTP request
+_RESIZE_SCHEDULE_WAIT = 30.0   # seconds resize() waits for Nova to pick a host
+_RESIZE_STEPS = frozenset({"resize_migrating", "resize_migrated", "resize_finish"})
 _MIN_VERSION = api_versions.APIVersion("2.47")   # flavor embedded in the server
 _GONE = frozenset({"DELETED", "SOFT_DELETED"})
 
@@ -155,7 +168,7 @@ class OpenStackBackend(base.Backend):
         self._full_at = None        # clock() of the last full list
         self._uncertain = {}        # instance uuid -> clock() of a create of unknown outcome
         self._created = {}          # server id -> clock() when we created it
-        self._resizing = set()      # server ids we resized, to confirm in poll
+        self._resizing = {}         # server id -> {"target", ...}: resizes of ours, for poll
         self._images = {}           # snapshot image id -> clock() when created
         self._quota_hit = None      # clock() of the last quota 403 on create
         self._prices = {}
@@ -457,16 +470,113 @@ class OpenStackBackend(base.Backend):
         self._check_started("resize")
         flavor_id = self._flavor_id(flavor)
         server = self._current(ref)
-        if (server.get("flavor") or {}).get("original_name") == self._flavors[flavor_id].name:
+        target = self._flavors[flavor_id].name
+        if (server.get("flavor") or {}).get("original_name") == target:
             return self._to_info(server, ref.instance_uuid)
         self._check_budget(flavor_id, ref.instance_uuid, new_instance=False, server=server)
         self._action(ref, server, "resize", lambda: self._nova.servers.resize(
             server["id"], flavor_id))
         with self._lock:
-            self._resizing.add(server["id"])
+            self._resizing[server["id"]] = {"target": target}
         LOG.info("[instance: %(uuid)s] resizing %(id)s to %(flavor)s",
                  {"uuid": ref.instance_uuid, "id": server["id"], "flavor": flavor.name})
+        server = self._await_resize_host(ref, server, target) or server
         return self._to_info(server, ref.instance_uuid, InstanceState.PENDING)
+
+    def _await_resize_host(self, ref, server, target):
+        """Wait until Nova has a host for the resize; raise if it gave up.
+
+        Nova answers a resize with 202 before scheduling it: a NoValidHost
+        comes later, as the server settling back to its old flavor (or to
+        ERROR) with a failed instance action. Waiting for the scheduler here
+        (seconds) lets that be raised as the contract's InsufficientCapacity,
+        so the manager rolls back with the old size and sends the fault up,
+        instead of seeing the server settle ACTIVE and calling it resized.
+        Past ``_RESIZE_SCHEDULE_WAIT``, or if the cloud stops answering
+        (Nova did accept the resize), the outcome is left to ``poll``.
+        """
+        deadline = self.clock() + _RESIZE_SCHEDULE_WAIT
+        delay = 0.2
+        while True:
+            try:
+                with self._translate_errors("getting server", ref):
+                    server = self._nova.servers.get(server["id"]).to_dict()
+            except exception.BackendUnavailable as exc:
+                LOG.warning("[instance: %(uuid)s] cannot watch the resize of %(id)s "
+                            "(%(err)s); poll will see how it ends",
+                            {"uuid": ref.instance_uuid, "id": server["id"],
+                             "err": exc.message})
+                return server
+            with self._lock:
+                self._servers[server["id"]] = server
+            outcome = self._resize_outcome(server, target)
+            if outcome == "accepted":
+                return server
+            if outcome == "failed":
+                with self._lock:
+                    self._resizing.pop(server["id"], None)
+                fault = self._resize_fault(server)
+                reason = "resize of server %s to %s failed remotely: %s; it is %s with " \
+                    "flavor %s" % (server["id"], target, fault, server["status"],
+                                   (server.get("flavor") or {}).get("original_name"))
+                if "no valid host" in fault.lower():
+                    raise exception.InsufficientCapacity(backend=self.name, reason=reason)
+                raise exception.BackendError(backend=self.name, reason=reason)
+            if self.clock() >= deadline:
+                LOG.warning("[instance: %(uuid)s] no host for the resize of %(id)s after "
+                            "%(s)d s; poll will see how it ends",
+                            {"uuid": ref.instance_uuid, "id": server["id"],
+                             "s": _RESIZE_SCHEDULE_WAIT})
+                return server
+            self.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    def _resize_outcome(server, target):
+        """None while Nova schedules a resize, else ``accepted`` or ``failed``."""
+        task = server.get("OS-EXT-STS:task_state")
+        status = server.get("status")
+        if status == "ERROR":
+            return "failed"
+        if status == "VERIFY_RESIZE" or task in _RESIZE_STEPS:
+            return "accepted"
+        if task:        # resize_prep: the conductor is still looking for a host
+            return None
+        if (server.get("flavor") or {}).get("original_name") == target:
+            return "accepted"
+        return "failed"     # settled again with its old flavor: Nova gave up
+
+    def _resize_fault(self, server):
+        """Why Nova gave up on a resize: the server's fault, else the failed
+        event of its last resize action (two requests, a few more at most).
+
+        The event is finished after the server is saved back to its old
+        state, so it is read again a few times (up to 3 s) until it has
+        its result."""
+        fault = (server.get("fault") or {}).get("message")
+        if fault:
+            return str(fault)
+        detail = {}
+        for attempt in range(5):
+            if attempt:
+                self.sleep(0.1 * 2 ** attempt)
+            try:
+                with self._translate_errors("reading the actions of server %s" % server["id"]):
+                    actions = [a.to_dict()
+                               for a in self._nova.instance_action.list(server["id"])]
+                    resize = next((a for a in actions
+                                   if a.get("action") in ("resize", "migrate")), None)
+                    if resize is None:
+                        return "no resize action recorded"
+                    detail = self._nova.instance_action.get(
+                        server["id"], resize["request_id"]).to_dict()
+            except exception.BackendError as exc:
+                return "its instance actions could not be read: %s" % exc.message
+            for event in detail.get("events") or []:
+                if event.get("result") == "Error":
+                    return "%s: %s" % (event.get("event"), event.get("details") or
+                                       detail.get("message") or "Error")
+        return str(detail.get("message") or "Error")
 
     def snapshot(self, ref, name):
         self._check_started("snapshot")
@@ -531,7 +641,7 @@ class OpenStackBackend(base.Backend):
             self.clock() - self._full_at >= _FULL_SYNC
         self._sync(full=full)
         result = {}
-        confirm = []
+        confirm, failed = [], []
         with self._lock:
             for ref in refs:
                 server = self._servers.get(ref.backend_id) if ref.backend_id else \
@@ -541,12 +651,51 @@ class OpenStackBackend(base.Backend):
                         backend_id=ref.backend_id, state=InstanceState.DELETED,
                         instance_uuid=ref.instance_uuid)
                     continue
-                if server["status"] == "VERIFY_RESIZE" and server["id"] in self._resizing:
-                    confirm.append((ref, server))
+                resize = self._resizing.get(server["id"])
+                if resize is not None:
+                    verdict = self._resize_settled(server, resize)
+                    if verdict == "confirm":
+                        confirm.append((ref, server))
+                    elif verdict == "failed":
+                        failed.append((ref, server, resize))
+                        continue
                 result[ref.instance_uuid] = self._to_info(server, ref.instance_uuid)
         for ref, server in confirm:
             self._confirm_resize(ref, server)
+        for ref, server, resize in failed:
+            result[ref.instance_uuid] = self._resize_failed(ref, server, resize)
         return result
+
+    def _resize_settled(self, server, resize):
+        """What a poll makes of a server we resized (lock held): ``confirm``,
+        ``failed`` (it settled again with its old flavor), or None."""
+        status = server["status"]
+        if status == "VERIFY_RESIZE":
+            return None if resize.get("confirmed") else "confirm"
+        if status == "ERROR":
+            del self._resizing[server["id"]]    # reported as ERROR with its fault
+            return None
+        if server.get("OS-EXT-STS:task_state") or status in ("RESIZE", "REVERT_RESIZE"):
+            return None
+        del self._resizing[server["id"]]
+        if (server.get("flavor") or {}).get("original_name") == resize["target"]:
+            return None
+        return "failed"
+
+    def _resize_failed(self, ref, server, resize):
+        """A resize Nova gave up on after accepting it: the server is usable
+        with its old flavor, but the resize must not look done. ERROR with a
+        fault is the one failure a settled poll result can carry; it is
+        reported once, the next poll shows the server as it is."""
+        fault = resize.get("fault") or self._resize_fault(server)
+        reason = "resize to %s failed: %s; the server is %s with its old flavor %s" % (
+            resize["target"], fault, server["status"],
+            (server.get("flavor") or {}).get("original_name"))
+        LOG.warning("[instance: %(uuid)s] %(reason)s", {"uuid": ref.instance_uuid,
+                                                        "reason": reason})
+        info = self._to_info(server, ref.instance_uuid, InstanceState.ERROR)
+        info.fault = reason
+        return info
 
     def list_instances(self):
         self._check_started("list_instances")
@@ -667,7 +816,7 @@ class OpenStackBackend(base.Backend):
                 if server.get("status") in _GONE:
                     self._servers.pop(server["id"], None)
                     self._deleted.add(server["id"])
-                    self._resizing.discard(server["id"])
+                    self._resizing.pop(server["id"], None)
                 else:
                     self._servers[server["id"]] = server
                 updated = _parse_time(server.get("updated"))
@@ -770,8 +919,16 @@ class OpenStackBackend(base.Backend):
             with contextlib.suppress(exception.BackendError), \
                     self._translate_errors("reverting resize", ref):
                 self._nova.servers.revert_resize(server["id"])
+            # Back to the old flavor: poll reports the resize as failed.
+            with self._lock:
+                if server["id"] in self._resizing:
+                    self._resizing[server["id"]]["fault"] = "confirm refused (%s), " \
+                        "reverted" % exc.message
+            return
         with self._lock:
-            self._resizing.discard(server["id"])
+            if server["id"] in self._resizing:
+                # Settles ACTIVE with the new flavor; not confirmed twice.
+                self._resizing[server["id"]]["confirmed"] = True
 
     def _refused(self, server, ref, what):
         state = self._state(server)

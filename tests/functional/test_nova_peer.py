@@ -3,7 +3,9 @@
 keystoneauth1 password auth against the peer's Keystone stand-in, then
 python-novaclient and openstacksdk on the real nova-api: flavors, an image
 by name, a server's whole life, a quota-exceeded 403, a lost create
-response and a restart. The OpenStack backend's own tests build on this.
+response and a restart (``--state-dir``, a restart that keeps the databases,
+is tested with the agent in test_openstack_backend.py). The OpenStack
+backend's own tests build on this.
 """
 
 import time

@@ -3,11 +3,17 @@
 The shared backend contract runs on the peer as it is (transitions are
 driven by nova's own conductor and compute, settled by polling), then what
 only the OpenStack backend promises: addresses, a create whose response is
-lost, quota exceeded, a remote ERROR with its fault, one list request per
-poll, idempotent delete, the optional operations.
+lost, quota exceeded, a remote ERROR with its fault, a resize Nova gives up
+on (NoValidHost, and a compute failure rolled back), one list request per
+poll, idempotent delete, the optional operations, and the peer restarted
+(with its databases kept) under a running agent.
 """
 
+import collections
+import contextlib
 import json
+import sqlite3
+import time
 import uuid
 
 import pytest
@@ -81,6 +87,9 @@ class TestOpenStackContract(BackendContract):
         yield backend
         for info in backend.list_instances():
             backend.destroy(ref_of(info))
+        # Deletes are asynchronous: a server still counted in /limits would
+        # make the next test's "before" capacity smaller than its "after".
+        wait_for(lambda: not backend.list_instances(), timeout=30, interval=0.2)
         backend.stop()
 
     def settle(self, backend, ref):
@@ -327,8 +336,40 @@ def test_resize_is_confirmed_by_poll(nova_peer_factory):
         assert server.flavor["original_name"] == "m1.small"
         assert server.status == "ACTIVE"
         assert backend.resize(ref, small).state is InstanceState.RUNNING     # a no-op
+
+        # Nova accepts the next resize (a host is found), then its compute
+        # fails and rolls back: the server is ACTIVE again with its old
+        # flavor. One poll reports the failure, with the failed event.
+        peer.inject_driver_fault("migrate_disk_and_power_off", rollback=True, delay=1.0)
+        assert backend.resize(ref, TINY).state is InstanceState.PENDING
+        failed = settle(backend, ref)
+        assert failed.state is InstanceState.ERROR, failed
+        assert "resize to m1.tiny failed" in failed.fault
+        assert "injected by the peer" in failed.fault and "old flavor m1.small" in failed.fault
+        assert backend.poll([ref])[ref.instance_uuid].state is InstanceState.RUNNING
+        server = admin_nova(peer).servers.get(ref.backend_id)
+        assert (server.status, server.flavor["original_name"]) == ("ACTIVE", "m1.small")
     finally:
         backend.stop()
+
+
+def test_resize_nova_gives_up_on_is_a_failure(nova_peer, backend):
+    """One compute and no resize to the same host: NoValidHost at the resize.
+
+    Nova answers 202, then its conductor finds no host and puts the server
+    back to ACTIVE with its old flavor (an instance action event in Error).
+    The backend must raise, never report it resized.
+    """
+    _, ref = spawn(backend)
+    settle(backend, ref)
+    with pytest.raises(exception.InsufficientCapacity, match="No valid host") as err:
+        backend.resize(ref, BackendContract.FLAVOR)
+    assert "m1.small" in str(err.value) and "m1.tiny" in str(err.value)
+    server = admin_nova(nova_peer).servers.get(ref.backend_id)
+    assert (server.status, server.flavor["original_name"]) == ("ACTIVE", "m1.tiny")
+    info = backend.poll([ref])[ref.instance_uuid]
+    assert info.state is InstanceState.RUNNING and not info.fault
+    assert backend.reboot(ref, RebootKind.SOFT).state is InstanceState.REBOOTING  # usable
 
 
 def test_requests_per_instance(nova_peer, backend):
@@ -376,13 +417,16 @@ def test_reconciler_on_openstack(nova_peer, tmp_path):
         nova.servers.delete(gone)
         deadline = time_mod.monotonic() + 60
         totals = dict.fromkeys(("terminated", "vanished", "drifted"), 0)
-        while time_mod.monotonic() < deadline and totals != {
-                "terminated": 1, "vanished": 1, "drifted": 1}:
+        while time_mod.monotonic() < deadline and not all(totals.values()):
             figures = agent.reconciler.run_once()
             for key in totals:
                 totals[key] += figures[key]
             time_mod.sleep(0.5)
-        assert totals == {"terminated": 1, "vanished": 1, "drifted": 1}
+        # NOTE: an orphan whose delete is still in progress at the next pass
+        # (a loaded host) is listed again, as DELETING, and terminated again:
+        # harmless (delete is idempotent), so at least once.
+        assert totals["terminated"] >= 1, totals
+        assert (totals["vanished"], totals["drifted"]) == (1, 1), totals
         harness.wait_state(uuids[0], vm_state="stopped", task_state=None, timeout=20)
         helpers.wait_for(lambda: uuids[1] not in harness.parent.view.instances, 20)
         helpers.wait_for(lambda: orphan.backend_id not in {
@@ -393,3 +437,136 @@ def test_reconciler_on_openstack(nova_peer, tmp_path):
         for server in nova.servers.list(search_opts={"name": "cellagent-"}):
             if server.metadata.get("cellagent_owner") == owner:
                 server.delete()
+
+
+def test_peer_restart_with_agent_running(nova_peer_factory, tmp_path):
+    """The remote cloud crashes and comes back (issue 6: "the peer restarted").
+
+    The peer keeps its databases in a state directory, so the restarted
+    nova still has the servers made before. The agent (the real manager,
+    poller, reporter and reconciler, in process) has two servers ACTIVE and
+    two builds in flight when the peer is SIGKILLed; while it is down every
+    backend call fails as retryable, nothing goes to ERROR or is reported
+    vanished, and capacity reports pause rather than report nonsense. It
+    comes back on the same port: the builds complete with one remote server
+    each, the old servers are still ACTIVE and can be rebooted and deleted.
+    Then a clean restart: the kept databases survive the harness's cleanups.
+    """
+    from tests.unit import helpers
+    peer = nova_peer_factory(state_dir=tmp_path / "peer-state")
+    harness = helpers.CellHarness(tmp_path, driver="openstack", fake_opts=None, backend_opts={
+        # 0.5 + 1 + ... + 32 s: a spawn keeps retrying through the outage
+        # (a peer start takes 5-15 s here).
+        "operation_retries": 7, "retry_delay": 0.5, "reconcile_interval": 0.5})
+    owner = "restart-%s" % uuid.uuid4().hex[:8]
+    settings = dict(peer.auth, owner=owner, image_map={"cirros": "cirros"},
+                    flavor_map={"m1.small": "m1.tiny"}, lost_create_grace=5)
+    for key, value in settings.items():
+        harness.conf.set_override(key, value, group="openstack")
+    harness.start()
+    nova = admin_nova(peer)
+    try:
+        agent = harness.agent
+        agent.reconciler.orphan_grace = 0
+        before = harness.build(count=2)
+        helpers.wait_for(lambda: harness.parent.view.capacities.get("cell1"), 10)
+        # No report in flight when the cloud goes: any report later is one
+        # the agent made while it was down.
+        helpers.wait_for(lambda: _quiet(harness.parent), 10, what="the reporter idle")
+        port = peer.port
+
+        peer.kill()
+        outage = len(harness.parent.received("update_capacities"))
+        with pytest.raises(exception.BackendUnavailable):
+            agent.backend.get_capacity([TINY])
+        with pytest.raises(exception.BackendUnavailable):
+            agent.backend.poll([InstanceRef(u, agent.store.get_instance(u).backend_id)
+                                for u in before])
+        inflight = [str(uuid.uuid4()) for _ in range(2)]
+        harness.send("build_instances", helpers.build_kwargs(inflight))
+        helpers.wait_for(lambda: all(agent.store.get_instance(u) for u in inflight), 10,
+                         what="the in-flight builds journaled")
+        assert not harness.parent.received("update_capacities")[outage:], \
+            "capacity reported while the cloud was down"
+        peer.start()
+        assert peer.port == port
+
+        for u in inflight:
+            harness.wait_state(u, vm_state="active", task_state=None, timeout=60)
+        remote = helpers.wait_for(lambda: _remote(nova, owner), 20)
+        names = collections.Counter(s.name for s in remote)
+        assert sorted(names) == sorted("cellagent-" + u for u in before + inflight)
+        assert set(names.values()) == {1}, names           # exactly once
+        assert {s.status for s in remote} == {"ACTIVE"}
+        rows = {u: harness.parent.row(u) for u in before + inflight}
+        assert {r["vm_state"] for r in rows.values()} == {"active"}, rows
+        assert not harness.parent.view.faults
+        # The reconciler ran through it all: nothing vanished, nothing orphaned.
+        figures = agent.reconciler.run_once()
+        assert (figures["vanished"], figures["terminated"]) == (0, 0), figures
+        # Reporting and sync resumed; the old servers are still managed.
+        helpers.wait_for(lambda: harness.parent.received("update_capacities")[outage:], 30,
+                         what="capacity reports resumed")
+        harness.send("reboot_instance", {"instance": helpers.instance_prim(before[0]),
+                                         "reboot_type": "HARD"})
+        harness.wait_task_states(before[0], "rebooting_hard", None, timeout=30)
+        assert harness.parent.row(before[0])["vm_state"] == "active"
+        harness.send("terminate_instance", {"instance": helpers.instance_prim(before[1]),
+                                            "delete_type": "delete"})
+        helpers.wait_for(lambda: before[1] not in harness.parent.view.instances, 30,
+                         what="the old server deleted")
+        helpers.wait_for(lambda: "cellagent-" + before[1] not in {
+            s.name for s in _remote(nova, owner)}, 30, what="deleted remotely")
+
+        # A clean stop runs the harness's cleanups (oslo.db's fixture drops
+        # the placement tables and files): a kept state must survive it too.
+        peer.restart()
+        assert peer.log().count("kept from the last run") >= 4    # 2 cells x 2 starts
+        left = sorted([before[0]] + inflight)
+        refs = [InstanceRef(u, agent.store.get_instance(u).backend_id) for u in left]
+        _assert_kept_on_disk(tmp_path / "peer-state", [r.backend_id for r in refs])
+        assert sorted(s.name for s in _remote(nova, owner) if s.status == "ACTIVE") == \
+            ["cellagent-" + u for u in left]
+        helpers.wait_for(lambda: _poll_states(agent.backend, refs) == {InstanceState.RUNNING},
+                         30, what="sync after the second restart")
+        assert not harness.parent.view.faults
+    finally:
+        harness.stop()
+        for server in _remote(nova, owner):
+            server.delete()
+
+
+def _quiet(parent, seconds=0.5):
+    """No capacity report arrives for ``seconds``."""
+    before = len(parent.received("update_capacities"))
+    time.sleep(seconds)
+    return len(parent.received("update_capacities")) == before
+
+
+def _poll_states(backend, refs):
+    try:
+        return {i.state for i in backend.poll(refs).values()}
+    except exception.BackendUnavailable:
+        return None
+
+
+def _assert_kept_on_disk(state, server_ids):
+    """The peer's kept SQLite files still hold the servers and their
+    placement allocations (read directly, as a check that nothing wiped them)."""
+    instance_uuids = server_ids     # the remote nova's instance uuids
+    cells = [p for p in state.glob("*.sqlite") if p.stem not in (
+        "api", "placement", "00000000-0000-0000-0000-000000000000")]
+    assert len(cells) == 1, sorted(p.name for p in state.iterdir())
+    marks = ",".join("?" * len(instance_uuids))
+    with contextlib.closing(sqlite3.connect(cells[0])) as db:
+        assert db.execute("SELECT count(*) FROM instances WHERE deleted = 0 AND uuid IN "
+                          "(%s)" % marks, instance_uuids).fetchone() == (len(instance_uuids),)
+    with contextlib.closing(sqlite3.connect(state / "placement.sqlite")) as db:
+        assert db.execute("SELECT count(DISTINCT consumer_id) FROM allocations WHERE "
+                          "consumer_id IN (%s)" % marks,
+                          instance_uuids).fetchone() == (len(instance_uuids),)
+
+
+def _remote(nova, owner):
+    return [s for s in nova.servers.list(search_opts={"name": "^cellagent-"})
+            if s.metadata.get("cellagent_owner") == owner]

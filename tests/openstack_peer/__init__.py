@@ -54,16 +54,21 @@ class NovaPeer:
     ``url`` is the compute endpoint (``.../compute/v2.1``), ``auth_url`` the
     Keystone v3 stand-in, ``auth`` the keystoneauth password options that
     work with it. ``restart()`` keeps the port, so clients keep their
-    endpoint; the peer's state (servers, quotas used) does not survive it.
-    The peer's log (stderr) is appended to ``log_path``.
+    endpoint. Without ``state_dir`` the peer's state (servers, quotas used)
+    does not survive it; with it, nova's databases are files of that
+    directory and a restarted peer still has its servers (serve.py,
+    ``--state-dir``). The peer's log (stderr) is appended to ``log_path``.
     """
 
     def __init__(self, log_path, port=0, quota_instances=None, quota_cores=None,
                  quota_ram=None, computes=None, debug=False, extra_args=(),
-                 start_timeout=90.0):
+                 start_timeout=90.0, state_dir=None):
         self.log_path = str(log_path)
         self.port = port
+        self.state_dir = None if state_dir is None else str(state_dir)
         self.args = []
+        if self.state_dir is not None:
+            self.args += ["--state-dir", self.state_dir]
         for flag, value in (("--quota-instances", quota_instances),
                             ("--quota-cores", quota_cores), ("--quota-ram", quota_ram),
                             ("--computes", computes)):
@@ -154,9 +159,13 @@ class NovaPeer:
         if self.proc is not None:
             self.proc.stdin.close()
 
-    def restart(self):
-        """Stop and start again on the same port (state is lost)."""
-        self.stop()
+    def restart(self, kill=False):
+        """Stop (SIGTERM, or SIGKILL with ``kill``) and start again on the
+        same port; the state is kept only with ``state_dir``."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
         return self.start()
 
     def alive(self):
@@ -188,6 +197,16 @@ class NovaPeer:
         return self._hook("POST", "/faults", {"method": method, "path": path,
                                               "action": action, "count": count,
                                               "status": status})
+
+    def inject_driver_fault(self, driver_method, rollback=False, delay=0.0, count=1):
+        """The fake driver's ``driver_method`` (``migrate_disk_and_power_off``
+        or ``finish_migration``) fails its next ``count`` calls, after
+        ``delay`` seconds. nova then puts the server in ERROR, or with
+        ``rollback`` back to ACTIVE with its old flavor (a resize it gave
+        up on). ``clear_faults`` removes these too."""
+        return self._hook("POST", "/faults", {"action": "driver_error",
+                                              "path": driver_method, "count": count,
+                                              "rollback": rollback, "delay": delay})
 
     def clear_faults(self):
         self._hook("DELETE", "/faults")

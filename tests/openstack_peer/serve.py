@@ -11,9 +11,15 @@ its real services: the API (the paste pipeline of the installed
 ``etc/nova/api-paste.ini``), conductor, scheduler and a ``fake.SmallFakeDriver``
 compute, all in this one process on native threads
 (``OS_NOVA_DISABLE_EVENTLET_PATCHING=1``), talking over oslo.messaging's fake
-in-memory transport, with sqlite databases the harness throws away at exit
-(so a restarted peer starts empty). Placement, Glance, Neutron and Cinder are
-nova's in-process fixtures.
+in-memory transport. Placement, Glance, Neutron and Cinder are nova's
+in-process fixtures.
+
+Databases: under native threads nova's harness keeps the API, cell0, cell1
+and placement databases in SQLite files (WAL) of a temporary directory
+removed at exit, so a restarted peer starts empty. With ``--state-dir`` they
+are files of that directory instead, kept across restarts: a restarted peer
+still has its servers, flavors, quotas used and placement allocations (see
+PeerState for what else is kept and what is not).
 
 What a client sees on ``http://127.0.0.1:PORT``:
 
@@ -34,7 +40,8 @@ What a client sees on ``http://127.0.0.1:PORT``:
 ``/_peer/stats`` and ``/_peer/faults``
     test hooks: request counts per method and path, and faults to inject
     (drop the response of the next matching request after nova handled it:
-    the "lost create response" case).
+    the "lost create response" case; answer an error instead of calling
+    nova; make a fake driver method fail, see DriverFaults).
 
 Two parts of the harness are replaced, both invisible through the API: its
 CellDatabases fixture's global cell switch (it deadlocks under concurrent
@@ -56,6 +63,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import socketserver
 import sys
 import threading
@@ -69,9 +77,14 @@ import wsgiref.simple_server
 os.environ["OS_NOVA_DISABLE_EVENTLET_PATCHING"] = "1"
 
 import nova.tests.functional  # noqa: E402,F401 - first: it calls monkey_patch.patch()
+import nova.tests.functional.fixtures  # noqa: E402,F401 - patched by module object
 import fixtures  # noqa: E402
+from nova import context as nova_context  # noqa: E402
+from nova import objects  # noqa: E402
 from nova.tests import fixtures as nova_fixtures  # noqa: E402
 from nova.tests.functional import integrated_helpers  # noqa: E402
+from nova.virt import fake as fake_virt  # noqa: E402
+from oslo_utils.fixture import uuidsentinel  # noqa: E402
 
 LOG = logging.getLogger("nova_peer")
 
@@ -112,6 +125,9 @@ def parse_args(argv=None):
     p.add_argument("--disk-gb", type=int, default=100000, help="per compute")
     p.add_argument("--full-claims", action="store_true",
                    help="keep the compute's per-claim allocation read-back (slow)")
+    p.add_argument("--state-dir", default=None,
+                   help="keep the databases (and the stand-ins' ports) in this "
+                   "directory across restarts; default: a temporary one")
     p.add_argument("--debug", action="store_true", help="log at DEBUG")
     p.add_argument("--watch-stdin", action="store_true",
                    help="stop when stdin closes (the parent that started us died)")
@@ -181,6 +197,145 @@ class PeerCellDatabases(nova_fixtures.CellDatabases):
         db_connection = getattr(context, "db_connection", None)
         return db_connection or self._default_ctxt_mgr
 
+    def _cache_schema(self, connection_str):
+        # The harness migrates the first cell database and replays a dump of
+        # it (schema and rows) into the next ones: on a kept database that
+        # would fail on the existing tables, or copy cell0's rows. A
+        # database that has its schema already is left as it is.
+        engine = self._ctxt_mgrs[connection_str].writer.get_engine()
+        with engine.connect() as conn:
+            tables = conn.exec_driver_sql(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'").scalar()
+        if tables:
+            LOG.info("cell database %s kept from the last run (%d tables)",
+                     connection_str, tables)
+            return
+        super()._cache_schema(connection_str)
+
+
+class PeerDefaultFlavors(nova_fixtures.DefaultFlavorsFixture):
+    """The harness's m1.* flavors, unless a kept API database has them."""
+
+    def setUp(self):
+        ctxt = nova_context.get_admin_context()
+        if objects.FlavorList.get_all(ctxt):
+            fixtures.Fixture.setUp(self)
+            return
+        super().setUp()
+
+
+class PeerState:
+    """What ``--state-dir`` keeps across restarts, besides the databases.
+
+    * nova's harness names things with ``oslo_utils.fixture.uuidsentinel``,
+      random per process: cell1's uuid (which is also its database's
+      "connection") and every compute node's uuid (by which the resource
+      tracker finds its ComputeNode and placement provider). They are
+      saved in ``uuidsentinels.json`` and loaded before anything is named.
+    * the Neutron fixture's ports and bindings (``neutron.json``, written
+      at a clean stop; after a SIGKILL the ports are rebuilt from the cell
+      database's VIFs), so a server's ports are still there for a reboot or
+      a delete, and a new port does not reuse an old one's id or MAC.
+    * the fake driver's guests are rebuilt from the cell database (the
+      driver keeps them in memory only).
+
+    Not kept: Glance fixture images other than ``cirros`` (snapshots), the
+    request counters and injected faults of the front.
+    """
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        os.makedirs(self.path, exist_ok=True)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def sqlite_url(self, name):
+        """Replaces nova's _use_file_backed_sqlite_with_wal: same WAL file
+        set-up, but a stable name here instead of mkstemp in a temp dir."""
+        name = name.replace("/", "_").replace(":", "_")
+        path = self.file("%s.sqlite" % name)
+        if not os.path.exists(path):
+            with sqlite3.connect(path) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+        return "sqlite:///%s" % path, path
+
+    def load_sentinels(self):
+        try:
+            with open(self.file("uuidsentinels.json")) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return False
+        with uuidsentinel._lock:
+            uuidsentinel._sentinels.update(saved)
+        return True
+
+    def save_sentinels(self):
+        with uuidsentinel._lock:
+            saved = dict(uuidsentinel._sentinels)
+        self._write("uuidsentinels.json", saved)
+
+    def load_neutron(self, neutron):
+        try:
+            with open(self.file("neutron.json")) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return
+        neutron._ports.update(saved["ports"])
+        for port_id, bindings in saved["bindings"].items():
+            neutron._port_bindings[port_id].update(bindings)
+
+    def save_neutron(self, neutron):
+        self._write("neutron.json", {
+            "ports": neutron._ports,
+            "bindings": {k: v for k, v in neutron._port_bindings.items() if v}})
+
+    def _write(self, name, data):
+        tmp = self.file(name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, default=str)
+        os.replace(tmp, self.file(name))
+
+
+class DriverFaults:
+    """Failures of the fake driver on demand (``/_peer/faults``, action
+    ``driver_error``): the next ``count`` calls of a driver method raise,
+    after ``delay`` seconds, either plainly (nova puts the server in ERROR)
+    or, with ``rollback``, as InstanceFaultRollback (nova puts it back to
+    ACTIVE with its old flavor: a resize it gave up on)."""
+
+    METHODS = ("migrate_disk_and_power_off", "finish_migration")
+    lock = threading.Lock()
+    rules = []
+
+    @classmethod
+    def wrap(cls, method, real):
+        def call(driver, *args, **kwargs):
+            rule = cls.take(method)
+            if rule is None:
+                return real(driver, *args, **kwargs)
+            time.sleep(float(rule.get("delay") or 0))
+            LOG.warning("fault: fake driver %s fails (rollback=%s)", method,
+                        bool(rule.get("rollback")))
+            from nova import exception as nova_exception
+            error = nova_exception.NovaException(
+                "injected by the peer: %s failed" % method)
+            if rule.get("rollback"):
+                raise nova_exception.InstanceFaultRollback(inner_exception=error)
+            raise error
+        return call
+
+    @classmethod
+    def take(cls, method):
+        with cls.lock:
+            for rule in cls.rules:
+                if rule["path"] == method:
+                    rule["count"] -= 1
+                    if rule["count"] <= 0:
+                        cls.rules.remove(rule)
+                    return rule
+        return None
+
 
 # -- the harness --------------------------------------------------------------
 
@@ -199,9 +354,108 @@ class NovaPeerCase(integrated_helpers._IntegratedTestBase):
         self.useFixture(fixtures.MonkeyPatch(
             "nova.tests.fixtures.CellDatabases", PeerCellDatabases))
         PeerLogging.level = logging.DEBUG if self.options.debug else logging.INFO
+        self.state = PeerState(self.options.state_dir) if self.options.state_dir else None
+        if self.state is not None:
+            self._keep_state()
         super().setUp()
         self.glance.create(None, dict(CIRROS, created_at=self.glance.timestamp,
                                       updated_at=self.glance.timestamp))
+        if self.state is not None:
+            self.state.load_neutron(self.neutron)
+            self._restore_ports()
+            self._restore_guests()
+            self.state.save_sentinels()
+            self.addCleanup(self.state.save_neutron, self.neutron)
+
+    def _keep_state(self):
+        """--state-dir: the harness's databases in it, and not wiped at exit."""
+        if self.state.load_sentinels():
+            LOG.info("kept state: restarting from %s", self.state.path)
+        # By module object: as a dotted path, "nova.tests.fixtures.nova"
+        # resolves to the top nova package (the fixtures package's
+        # __init__ has a name "nova" of its own) and the patch would miss.
+        for where in ("nova.tests.fixtures.nova", "nova.tests.functional.fixtures"):
+            self.useFixture(fixtures.MockPatchObject(
+                sys.modules[where], "_use_file_backed_sqlite_with_wal",
+                self.state.sqlite_url))
+        self.useFixture(fixtures.MonkeyPatch(
+            "nova.tests.fixtures.DefaultFlavorsFixture", PeerDefaultFlavors))
+        # oslo.db's fixture, when the harness is cleaned up (at our exit),
+        # drops every table of the placement database and then removes
+        # its SQLite file: not those of a kept one.
+        from oslo_db.sqlalchemy import provision
+        sqlite_impl = type(provision.BackendImpl.impl("sqlite"))
+        drop_file = sqlite_impl._drop_url_file
+        kept = self.state.path + os.sep
+
+        def drop_unless_kept(impl, url, conditional):
+            if not str(url.database or "").startswith(kept):
+                drop_file(impl, url, conditional)
+        self.useFixture(fixtures.MonkeyPatch(
+            "oslo_db.sqlalchemy.provision.SchemaResource.clean",
+            lambda self, resource: None))
+        self.useFixture(fixtures.MockPatchObject(
+            sqlite_impl, "_drop_url_file", drop_unless_kept))
+
+    def _setup_cells(self):
+        """The harness's cell0 and cell1, or the ones a kept database has."""
+        if self.state is None:
+            return super()._setup_cells()
+        ctxt = nova_context.get_context()
+        cells = objects.CellMappingList.get_all(ctxt)
+        if not cells:
+            return super()._setup_cells()
+        celldbs = nova_fixtures.CellDatabases()
+        for cell in sorted(cells, key=lambda c: c.name):    # cell0 first, as the harness
+            self.cell_mappings[cell.name] = cell
+            celldbs.add_cell_database(cell.database_connection,
+                                      default=(cell.name == "cell1"))
+        self.useFixture(celldbs)
+        # start_service creates a compute's HostMapping unless it knows it.
+        for mapping in objects.HostMappingList.get_all(ctxt):
+            self.host_mappings[mapping.host] = mapping
+        LOG.info("kept state: cells %s, hosts %s", sorted(self.cell_mappings),
+                 sorted(self.host_mappings))
+        return None
+
+    def _restore_ports(self):
+        """Ports the cell database knows and the Neutron fixture does not.
+
+        ``neutron.json`` is written at a clean stop only; after a SIGKILL
+        the fixture would hand out its fixed first port (id and MAC) again,
+        which nova refuses as a duplicate VIF. Each VIF of the cell database
+        becomes a port again, bound to its instance.
+        """
+        import copy
+        ctxt = nova_context.get_admin_context()
+        restored = 0
+        with nova_context.target_cell(ctxt, self.cell_mappings["cell1"]) as cctxt:
+            for vif in objects.VirtualInterfaceList.get_all(cctxt):
+                if vif.uuid in self.neutron._ports:
+                    continue
+                port = copy.deepcopy(self.neutron.default_port)
+                port.update(id=vif.uuid, mac_address=vif.address.split("/")[0],
+                            device_id=vif.instance_uuid, device_owner="compute:nova")
+                self.neutron._ports[vif.uuid] = port
+                restored += 1
+        if restored:
+            LOG.info("kept state: %d ports rebuilt from the cell database", restored)
+
+    def _restore_guests(self):
+        """The fake driver's guests, from the cell database (restart only)."""
+        from nova.virt import fake
+        ctxt = nova_context.get_admin_context()
+        restored = 0
+        with nova_context.target_cell(ctxt, self.cell_mappings["cell1"]) as cctxt:
+            for compute in self.computes.values():
+                driver = compute.manager.driver
+                for inst in objects.InstanceList.get_by_host(cctxt, compute.host):
+                    if inst.uuid not in driver.instances:
+                        driver.instances[inst.uuid] = fake.FakeInstance(
+                            inst.name, inst.power_state, inst.uuid)
+                        restored += 1
+        if restored:
+            LOG.info("kept state: %d guests back in the fake driver", restored)
 
     def _setup_services(self):
         opts = self.options
@@ -217,6 +471,10 @@ class NovaPeerCase(integrated_helpers._IntegratedTestBase):
             self.useFixture(fixtures.MonkeyPatch(
                 "nova.virt.fake.SmallFakeDriver.%s" % attr, value))
         self.flags(compute_driver="fake.SmallFakeDriver")
+        for method in DriverFaults.METHODS:
+            self.useFixture(fixtures.MonkeyPatch(
+                "nova.virt.fake.SmallFakeDriver.%s" % method,
+                DriverFaults.wrap(method, getattr(fake_virt.SmallFakeDriver, method))))
         if not opts.full_claims:
             # Every claim reads back the allocations of every instance on the
             # node (one placement GET each), only for a reshape that the fake
@@ -453,18 +711,29 @@ class Front:
             rule = json.loads(environ["wsgi.input"].read(size) or b"{}")
             rule = {"method": rule.get("method", "*"), "path": rule.get("path", ""),
                     "action": rule.get("action", "drop_response"),
-                    "count": int(rule.get("count", 1)), "status": rule.get("status", 500)}
+                    "count": int(rule.get("count", 1)), "status": rule.get("status", 500),
+                    "delay": float(rule.get("delay") or 0),
+                    "rollback": bool(rule.get("rollback"))}
+            if rule["action"] == "driver_error":
+                if rule["path"] not in DriverFaults.METHODS:
+                    return self._json(start_response, 400, {
+                        "error": "driver_error: path is one of %s" % (DriverFaults.METHODS,)})
+                with DriverFaults.lock:
+                    DriverFaults.rules.append(rule)
+                return self._json(start_response, 201, rule)
             if rule["action"] not in ("drop_response", "error"):
                 return self._json(start_response, 400, {"error": "unknown action"})
             with self.lock:
                 self.faults.append(rule)
             return self._json(start_response, 201, rule)
         if rest == "/faults" and method == "GET":
-            with self.lock:
-                return self._json(start_response, 200, {"faults": list(self.faults)})
+            with self.lock, DriverFaults.lock:
+                return self._json(start_response, 200, {
+                    "faults": list(self.faults) + list(DriverFaults.rules)})
         if rest == "/faults" and method == "DELETE":
-            with self.lock:
+            with self.lock, DriverFaults.lock:
                 self.faults.clear()
+                DriverFaults.rules.clear()
             return self._json(start_response, 204, None)
         return self._json(start_response, 404, {"error": "no such hook"})
 
