@@ -1175,6 +1175,7 @@ class CellManager:
         except exception.BackendError as e:
             return self._resize_failed(step, e.message)
         old = rec.flavor
+        step.previous = (old, rec.instance.get("cellagent_old_flavor"))
         rec.flavor = step.flavor.to_dict()
         if step.revert:
             rec.instance.pop("cellagent_old_flavor", None)
@@ -1199,6 +1200,18 @@ class CellManager:
         if info is CANCELLED:
             step.done()
             return None
+        if info is not TIMED_OUT and info.state == InstanceState.ERROR and info.fault:
+            # The provider may give up on a resize and roll back (Nova does
+            # when the destination fails): a fault, but the instance still
+            # runs at its old size. Then it is a failed resize, not an error.
+            try:
+                current = self.backend.get_info(self._ref(rec))
+            except exception.BackendError:
+                current = None
+            if current is not None and current.state in (InstanceState.RUNNING,
+                                                         InstanceState.STOPPED):
+                self._restore_flavor(step)
+                return self._resize_failed(step, info.fault)
         if info is TIMED_OUT or info.state not in (InstanceState.RUNNING,
                                                    InstanceState.STOPPED):
             reason = ("did not settle within %d seconds" % self.transition_timeout
@@ -1216,6 +1229,20 @@ class CellManager:
                   "what": "Resize reverted" if step.revert else "Resized"})
         self._after_confirm(futures, step.done)
         return None
+
+    def _restore_flavor(self, step):
+        """Undo the record's flavor change of a resize the provider rolled back."""
+        if step.previous is None:
+            return
+        rec = step.rec
+        rec.flavor, old_flavor = step.previous
+        rec.instance = dict(rec.instance)
+        if old_flavor is None:
+            rec.instance.pop("cellagent_old_flavor", None)
+        else:
+            rec.instance["cellagent_old_flavor"] = old_flavor
+        self.store.update_instance(rec.instance_uuid, flavor=rec.flavor, instance=rec.instance)
+        self._changed()
 
     def _resize_failed(self, step, why):
         """Roll back: the instance keeps its size, and runs again if it ran."""
@@ -1563,3 +1590,4 @@ class _ResizeStep:
         self.revert = revert
         self.done = done
         self.ctxt = ctxt
+        self.previous = None        # (flavor, cellagent_old_flavor) before the change

@@ -80,15 +80,16 @@ class Reconciler:
         for info in infos:
             if info.instance_uuid:
                 by_uuid.setdefault(info.instance_uuid, []).append(info)
-        records = {r.instance_uuid: r for r in m.store.list_instances()}
+        # (backend id, state) per uuid; whole records only for those acted on.
+        records = {uuid: (bid, state) for uuid, bid, state in m.store.list_instance_states()}
         figures = dict.fromkeys(("orphans", "adopted", "terminated", "vanished", "drifted"), 0)
 
         for uuid, found in by_uuid.items():
             rec = records.get(uuid)
-            current = [i for i in found if rec is not None and i.backend_id == rec.backend_id]
+            current = [i for i in found if rec is not None and i.backend_id == rec[0]]
             stale = [i for i in found if i not in current
                      and i.state not in (InstanceState.DELETING, InstanceState.DELETED)]
-            if rec is not None and not rec.backend_id:
+            if rec is not None and not rec[0]:
                 continue                       # launch in flight: its spawn owns it
             if not stale or m.work.is_busy(uuid):
                 self._orphans.pop(uuid, None)
@@ -112,17 +113,23 @@ class Reconciler:
         for uuid in [u for u in self._orphans if u not in by_uuid]:
             del self._orphans[uuid]
 
-        for uuid, rec in records.items():
-            if not rec.backend_id or rec.state not in _SETTLED or m.work.is_busy(uuid):
+        for uuid, (backend_id, state) in records.items():
+            if not backend_id or state not in _SETTLED or m.work.is_busy(uuid):
                 continue
-            current = [i for i in by_uuid.get(uuid, ()) if i.backend_id == rec.backend_id]
-            if not current or current[0].state == InstanceState.DELETED:
+            current = [i for i in by_uuid.get(uuid, ()) if i.backend_id == backend_id]
+            vanished = not current or current[0].state == InstanceState.DELETED
+            if not vanished and not (current[0].state in _SETTLED
+                                     and current[0].state != state):
+                continue
+            rec = m.store.get_instance(uuid)
+            if rec is None or rec.deleted or rec.backend_id != backend_id:
+                continue                       # changed since the listing
+            if vanished:
                 if self._vanished(rec):
                     figures["vanished"] += 1
                 continue
-            info = current[0]
-            if info.state in _SETTLED and info.state != rec.state:
-                self._drifted(rec, info)
+            if current[0].state != rec.state:
+                self._drifted(rec, current[0])
                 figures["drifted"] += 1
         if any(figures.values()):
             LOG.info("Reconciliation: %s", ", ".join(

@@ -388,6 +388,17 @@ class Store(abc.ABC):
             ``InstanceState``.
         """
 
+    def list_instance_states(self):
+        """``(instance_uuid, backend_id, state)`` of every live record.
+
+        What a periodic pass over every instance needs (the reconciler, once
+        a minute, on cells of tens of thousands of instances), without
+        reading and parsing whole records: the caller reads the few it acts
+        on with ``get_instance``. Tombstones are left out; the order is
+        unspecified. This default derives it from ``list_instances``.
+        """
+        return [(r.instance_uuid, r.backend_id, r.state) for r in self.list_instances()]
+
     @abc.abstractmethod
     def count_instances(self, include_deleted=False):
         """Return the number of records, tombstones only if asked."""

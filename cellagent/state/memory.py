@@ -218,6 +218,11 @@ class MemoryStore(base.Store):
             rows.sort(key=lambda row: (row["created_at"], row["instance_uuid"]))
             return [base.to_record(row) for row in rows]
 
+    def list_instance_states(self):
+        with self._lock:
+            return [(row["instance_uuid"], row["backend_id"], objects.InstanceState(row["state"]))
+                    for row in self._instances.values() if not row["deleted"]]
+
     def count_instances(self, include_deleted=False):
         with self._lock:
             return sum(1 for row in self._instances.values()

@@ -986,6 +986,14 @@ class SqlStore(base.Store):
             return [base.to_record(row._mapping) for row in conn.execute(stmt)]
 
     @_translate_errors
+    def list_instance_states(self):
+        stmt = sa.select(INSTANCES.c.instance_uuid, INSTANCES.c.backend_id,
+                         INSTANCES.c.state).where(INSTANCES.c.deleted.is_(False))
+        with self._read() as conn:
+            return [(uuid, bid, objects.InstanceState(state))
+                    for uuid, bid, state in conn.execute(stmt)]
+
+    @_translate_errors
     def count_instances(self, include_deleted=False):
         stmt = sa.select(sa.func.count()).select_from(INSTANCES)
         if not include_deleted:

@@ -5,8 +5,11 @@ the checks are on what the parent sees: the task_state sequence, the final
 vm_state and power_state, the flavor after a resize, faults.
 """
 
+import dataclasses
+
 import pytest
 
+from cellagent.objects import InstanceState
 from cellagent.objects import PowerState
 from tests.unit.helpers import instance_prim
 from tests.unit.helpers import wait_for
@@ -91,6 +94,36 @@ def test_resize_that_does_not_fit_keeps_the_instance_running(make_cell):
     [fault] = cell.parent.received("instance_fault_create_at_top", uuid)
     assert "Resize to m1.xlarge failed" in fault.method_kwargs["instance_fault"]["message"]
     assert cell.agent.store.get_instance(uuid).flavor["memory_mb"] == 2048
+
+
+def test_resize_the_provider_rolls_back_is_a_failed_resize(fast_cell):
+    # Nova gives up on a resize after choosing a host and rolls it back:
+    # its server shows the fault once, then runs on at its old size.
+    cell = fast_cell
+    [uuid] = cell.build(1)
+    backend = cell.agent.backend
+
+    def rolled_back(ref, flavor):
+        info = backend.get_info(ref)
+        return dataclasses.replace(info, state=InstanceState.ERROR,
+                                   fault="Resize error: disk full on the destination")
+
+    backend.resize = rolled_back
+    msg = cell.send("resize_instance", {"instance": instance_prim(uuid), "flavor": M1_MEDIUM,
+                                        "extra_instance_updates": {}, "clean_shutdown": True})
+    wait_for(lambda: cell.parent.received("instance_fault_create_at_top", uuid))
+    cell.wait_state(uuid, vm_state="active", task_state=None,
+                    power_state=PowerState.RUNNING)
+    [fault] = cell.parent.received("instance_fault_create_at_top", uuid)
+    assert fault.method_kwargs["instance_fault"]["message"] == (
+        "Resize to m1.medium failed: Resize error: disk full on the destination")
+    # Never reported resized nor error; the record keeps the old flavor.
+    assert "resized" not in [data.get("vm_state") for data, _ in cell.parent.updates(uuid)]
+    assert "error" not in [data.get("vm_state") for data, _ in cell.parent.updates(uuid)]
+    rec = cell.agent.store.get_instance(uuid)
+    assert rec.flavor["memory_mb"] == 2048
+    assert "cellagent_old_flavor" not in rec.instance
+    wait_for(lambda: cell.agent.store.get_request(msg.uuid).status == "failed")
 
 
 def test_rebuild_replaces_the_provider_instance(fast_cell):

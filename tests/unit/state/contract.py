@@ -537,6 +537,15 @@ class StoreContract:
         assert [r.instance_uuid for r in store.list_instances()] == [
             _uuid(3), _uuid(1), _uuid(2)]
 
+    def test_list_instance_states(self, store):
+        store.put_instance(self._record(1))
+        store.put_instance(self._record(2, backend_id="", state=IS.PENDING))
+        store.put_instance(self._record(3))
+        store.delete_instance(_uuid(3))
+        assert sorted(store.list_instance_states()) == [
+            (_uuid(1), "i-0001", IS.RUNNING), (_uuid(2), "", IS.PENDING)]
+        assert all(isinstance(state, IS) for _, _, state in store.list_instance_states())
+
     def test_list_instances_filters(self, store):
         store.put_instance(self._record(1, project_id="p1", state=IS.RUNNING))
         store.put_instance(self._record(2, project_id="p2", state=IS.STOPPED))
