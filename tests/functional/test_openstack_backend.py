@@ -33,6 +33,7 @@ from cellagent.objects import InstanceRef
 from cellagent.objects import InstanceState
 from cellagent.objects import RebootKind
 from tests.functional import openstack_fixtures
+from tests.unit import helpers
 from tests.unit.backends.contract import BackendContract
 from tests.unit.backends.contract import ref_of
 from tests.unit.helpers import wait_for
@@ -388,20 +389,26 @@ def test_requests_per_instance(nova_peer, backend):
     assert sum(nova_peer.stats().values()) == ticks + 1
 
 
+def _agent_on_openstack(tmp_path, peer, owner_prefix, backend_opts, **openstack_opts):
+    """A started child agent (tests.unit.helpers.CellHarness) on the OpenStack
+    backend against ``peer``, under a fresh owner; returns the harness."""
+    harness = helpers.CellHarness(tmp_path, driver="openstack", fake_opts=None,
+                                  backend_opts=backend_opts)
+    settings = dict(peer.auth, owner="%s-%s" % (owner_prefix, uuid.uuid4().hex[:8]),
+                    image_map={"cirros": "cirros"}, flavor_map={"m1.small": "m1.tiny"},
+                    **openstack_opts)
+    for key, value in settings.items():
+        harness.conf.set_override(key, value, group="openstack")
+    return harness.start()
+
+
 def test_reconciler_on_openstack(nova_peer, tmp_path):
     """Orphans deleted, out-of-band deletes reported, out-of-band stops reported."""
     import time as time_mod
 
-    from tests.unit import helpers
-    harness = helpers.CellHarness(tmp_path, driver="openstack",
-                                  backend_opts={"reconcile_interval": 0},
-                                  fake_opts=None)
-    owner = "recon-%s" % uuid.uuid4().hex[:8]
-    settings = dict(nova_peer.auth, owner=owner, image_map={"cirros": "cirros"},
-                    flavor_map={"m1.small": "m1.tiny"}, lost_create_grace=0)
-    for key, value in settings.items():
-        harness.conf.set_override(key, value, group="openstack")
-    harness.start()
+    harness = _agent_on_openstack(tmp_path, nova_peer, "recon",
+                                  {"reconcile_interval": 0}, lost_create_grace=0)
+    owner = harness.conf.openstack.owner
     nova = admin_nova(nova_peer)
     try:
         uuids = harness.build(count=2)
@@ -452,18 +459,13 @@ def test_peer_restart_with_agent_running(nova_peer_factory, tmp_path):
     each, the old servers are still ACTIVE and can be rebooted and deleted.
     Then a clean restart: the kept databases survive the harness's cleanups.
     """
-    from tests.unit import helpers
     peer = nova_peer_factory(state_dir=tmp_path / "peer-state")
-    harness = helpers.CellHarness(tmp_path, driver="openstack", fake_opts=None, backend_opts={
+    harness = _agent_on_openstack(tmp_path, peer, "restart", {
         # 0.5 + 1 + ... + 32 s: a spawn keeps retrying through the outage
         # (a peer start takes 5-15 s here).
-        "operation_retries": 7, "retry_delay": 0.5, "reconcile_interval": 0.5})
-    owner = "restart-%s" % uuid.uuid4().hex[:8]
-    settings = dict(peer.auth, owner=owner, image_map={"cirros": "cirros"},
-                    flavor_map={"m1.small": "m1.tiny"}, lost_create_grace=5)
-    for key, value in settings.items():
-        harness.conf.set_override(key, value, group="openstack")
-    harness.start()
+        "operation_retries": 7, "retry_delay": 0.5, "reconcile_interval": 0.5},
+        lost_create_grace=5)
+    owner = harness.conf.openstack.owner
     nova = admin_nova(peer)
     try:
         agent = harness.agent

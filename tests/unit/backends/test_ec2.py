@@ -32,6 +32,7 @@ from cellagent.objects import Flavor
 from cellagent.objects import InstanceRef
 from cellagent.objects import InstanceState
 from cellagent.objects import RebootKind
+from tests.unit import helpers
 from tests.unit.backends import ec2_harness
 from tests.unit.backends.contract import BackendContract
 from tests.unit.backends.contract import ref_of
@@ -856,16 +857,20 @@ class TestSecrets:
 # -- through the child agent -------------------------------------------------------
 
 
+def _agent_on_ec2(tmp_path, ami, backend_opts=None, **ec2_opts):
+    """A started child agent (tests.unit.helpers.CellHarness) on the EC2 backend."""
+    harness = helpers.CellHarness(tmp_path, driver="ec2", backend_opts=backend_opts)
+    settings = dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, owner=OWNER,
+                    instance_type_map={"m1.small": "t3.micro"}, image_map={"cirros": ami},
+                    **ec2_opts)
+    for name, value in settings.items():
+        harness.conf.set_override(name, value, group="ec2")
+    return harness.start()
+
+
 class TestThroughTheAgent:
     def test_build_and_delete_reach_the_parent(self, aws, tmp_path):
-        from tests.unit import helpers
-        harness = helpers.CellHarness(tmp_path, driver="ec2")
-        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
-                                image_map={"cirros": aws}, batch_idle=0.05,
-                                batch_max=0.2).items():
-            harness.conf.set_override(name, value, group="ec2")
-        harness.start()
+        harness = _agent_on_ec2(tmp_path, aws, batch_idle=0.05, batch_max=0.2)
         try:
             uuids = harness.build(count=3)
             insts = ec2_harness.admin_instances(OWNER)
@@ -881,14 +886,7 @@ class TestThroughTheAgent:
             harness.stop()
 
     def test_reconciler_on_ec2(self, aws, tmp_path):
-        from tests.unit import helpers
-        harness = helpers.CellHarness(tmp_path, driver="ec2",
-                                      backend_opts={"reconcile_interval": 0})
-        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
-                                image_map={"cirros": aws}).items():
-            harness.conf.set_override(name, value, group="ec2")
-        harness.start()
+        harness = _agent_on_ec2(tmp_path, aws, backend_opts={"reconcile_interval": 0})
         try:
             uuids = harness.build(count=2)
             agent = harness.agent
@@ -1091,13 +1089,7 @@ class TestSecurityGroups:
 
     def test_through_the_agent_an_unmapped_group_is_an_error_with_a_fault(self, aws,
                                                                          tmp_path):
-        from tests.unit import helpers
-        harness = helpers.CellHarness(tmp_path, driver="ec2")
-        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
-                                image_map={"cirros": aws}).items():
-            harness.conf.set_override(name, value, group="ec2")
-        harness.start()
+        harness = _agent_on_ec2(tmp_path, aws)
         try:
             uuid = str(uuidlib.uuid4())
             kwargs = helpers.build_kwargs([uuid])
@@ -1224,13 +1216,7 @@ class TestElasticIp:
         assert not [k for k in h.calls if "Address" in k]
 
     def test_through_the_agent_the_parent_sees_the_elastic_ip(self, aws, tmp_path):
-        from tests.unit import helpers
-        harness = helpers.CellHarness(tmp_path, driver="ec2")
-        for name, value in dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                                owner=OWNER, instance_type_map={"m1.small": "t3.micro"},
-                                image_map={"cirros": aws}, elastic_ip=True).items():
-            harness.conf.set_override(name, value, group="ec2")
-        harness.start()
+        harness = _agent_on_ec2(tmp_path, aws, elastic_ip=True)
         try:
             uuid, = harness.build(count=1)
             address, = _admin_addresses(OWNER)
