@@ -17,7 +17,8 @@ import pytest
 
 from cellagent.backends.ec2_keys import key_pair_name
 from tests.functional.conftest import wait_for
-from tests.functional.test_lifecycle import action, build_message, check_format, example
+from tests.functional.test_lifecycle import action, build_message, check_format
+from tests.functional.test_lifecycle import console_output
 
 IMAGE_UUID = "7c2e1f0a-3b4c-4d5e-9f6a-1b2c3d4e5f60"     # example 1's image
 SECRET = "ec2-secret-key-never-logged"
@@ -163,14 +164,7 @@ def test_whole_lifecycle_on_ec2(parent, ec2_agent, ec2):
     assert len(live) == 2 and live != old_ids
 
     # Console output: a call answered through the cells protocol.
-    call = example("example1_build_instances.json")
-    call.update(uuid=str(uuid.uuid4()), method_name="run_compute_api_method",
-                need_response=True, method_kwargs={"method_info": {
-                    "method": "get_console_output", "method_args": [target, 5],
-                    "method_kwargs": {}}})
-    parent.cast(call)
-    resp = wait_for(lambda: [m for m in parent.received("parse_responses")
-                             if m.message["response_uuid"] == call["uuid"]], 20)[0]
+    _, resp = console_output(parent, target)
     entry = json.loads(resp.kwargs["responses"][0])
     assert entry["failure"] is False and isinstance(entry["value"], str)
 

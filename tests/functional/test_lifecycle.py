@@ -53,6 +53,21 @@ def action(method, instance_uuid, **kwargs):
     return msg
 
 
+def console_output(parent, instance_uuid, timeout=20):
+    """Make the console-output call a Stein API makes (run_compute_api_method,
+    need_response); returns ``(call, response message)`` once it is answered."""
+    call = example("example1_build_instances.json")
+    call.update(uuid=str(uuid.uuid4()), method_name="run_compute_api_method",
+                need_response=True, method_kwargs={"method_info": {
+                    "method": "get_console_output", "method_args": [instance_uuid, 5],
+                    "method_kwargs": {}}})
+    parent.cast(call)
+    resp = wait_for(lambda: [m for m in parent.received("parse_responses")
+                             if m.message["response_uuid"] == call["uuid"]], timeout,
+                    what="console response")[0]
+    return call, resp
+
+
 def instance_prim(instance_uuid):
     return {"nova_object.name": "Instance", "nova_object.namespace": "nova",
             "nova_object.version": "2.4",
@@ -141,15 +156,7 @@ def test_lifecycle_as_a_stock_stein_parent(parent, agent_factory):
     wait_for(lambda: parent.view(target).get("vm_state") == "active", 10, what="started")
 
     # Console output: a call, answered on the parent's response fanout exchange.
-    call = example("example1_build_instances.json")
-    call.update(uuid=str(uuid.uuid4()), method_name="run_compute_api_method",
-                need_response=True, method_kwargs={"method_info": {
-                    "method": "get_console_output", "method_args": [target, 5],
-                    "method_kwargs": {}}})
-    parent.cast(call)
-    resp = wait_for(lambda: [m for m in parent.received("parse_responses")
-                             if m.message["response_uuid"] == call["uuid"]], 10,
-                    what="console response")[0]
+    call, resp = console_output(parent, target, timeout=10)
     assert resp.message["message_type"] == "response"
     assert resp.message["target_cell"] == "cell1!api" and resp.message["fanout"] is True
     exchanges = [ex for ex, m in parent.received_with_exchange("parse_responses")]

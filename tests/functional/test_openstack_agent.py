@@ -18,7 +18,8 @@ from keystoneauth1.identity import v3
 from tests.functional import openstack_fixtures
 from tests.functional.conftest import wait_for
 from tests.functional.test_ec2_agent import IMAGE_UUID, _settled
-from tests.functional.test_lifecycle import action, build_message, check_format, example
+from tests.functional.test_lifecycle import action, build_message, check_format
+from tests.functional.test_lifecycle import console_output
 from tests.functional.test_openstack_backend import CIRROS_ID
 from tests.functional.test_openstack_burst import remote_servers
 
@@ -185,14 +186,7 @@ def _lifecycle(parent, agent, peer, owner):
 
     # Console output: a call answered through the cells protocol, with what
     # the peer's (fake) hypervisor prints.
-    call = example("example1_build_instances.json")
-    call.update(uuid=str(uuid.uuid4()), method_name="run_compute_api_method",
-                need_response=True, method_kwargs={"method_info": {
-                    "method": "get_console_output", "method_args": [target, 5],
-                    "method_kwargs": {}}})
-    parent.cast(call)
-    resp = wait_for(lambda: [m for m in parent.received("parse_responses")
-                             if m.message["response_uuid"] == call["uuid"]], 20)[0]
+    _, resp = console_output(parent, target)
     entry = json.loads(resp.kwargs["responses"][0])
     assert entry["failure"] is False
     assert entry["value"] == "FAKE CONSOLE OUTPUT\nANOTHER\nLAST LINE"
