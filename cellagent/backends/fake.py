@@ -25,9 +25,9 @@ import os
 import tempfile
 import threading
 import time
-import uuid as uuidlib
 
 from cellagent import exception
+from cellagent import uuidutils
 from cellagent.backends import base
 from cellagent.objects import Address
 from cellagent.objects import Capacity
@@ -230,7 +230,7 @@ class FakeBackend(base.Backend):
     def snapshot(self, ref, name):
         with self._op("snapshot"):
             rec = self._lookup(ref)
-            image = "fake-img-%s" % uuidlib.uuid4().hex[:8]
+            image = "fake-img-%s" % uuidutils.generate_uuid(dashed=False)[:8]
             self._images[image] = {"name": name, "instance_uuid": rec["instance_uuid"],
                                    "ready_at": self.clock() + self._opts.reboot_delay}
             return image
@@ -357,9 +357,9 @@ class FakeBackend(base.Backend):
                 reason="max_instances %d reached" % self._opts.max_instances)
 
     def _create(self, request):
-        bid = "fake-%s" % uuidlib.uuid4().hex[:8]
+        bid = "fake-%s" % uuidutils.generate_uuid(dashed=False)[:8]
         while bid in self._instances:
-            bid = "fake-%s" % uuidlib.uuid4().hex[:8]
+            bid = "fake-%s" % uuidutils.generate_uuid(dashed=False)[:8]
         uuid = request.instance_uuid
         digest = hashlib.sha1(uuid.encode()).digest()
         fixed = self._allocate_ip(_FIXED_NET, digest)

@@ -14,10 +14,10 @@ import dataclasses
 import datetime
 import re
 import traceback
-import uuid as uuidlib
 
 from cellagent import exception
 from cellagent import jsonutils
+from cellagent import uuidutils
 
 MESSAGE_TYPES = ("targeted", "broadcast", "response")
 DIRECTIONS = ("up", "down")
@@ -93,7 +93,7 @@ def admin_context(request_id=None, timestamp=None):
         "domain": None, "user_domain": None, "project_domain": None,
         "is_admin": True, "read_only": False, "show_deleted": False,
         "auth_token": None,
-        "request_id": request_id or "req-" + str(uuidlib.uuid4()),
+        "request_id": request_id or "req-" + uuidutils.generate_uuid(),
         "global_request_id": None, "resource_uuid": None, "roles": [],
         "user_identity": "- - - - -", "is_admin_project": True,
         "user_id": None, "project_id": None, "read_deleted": "no",
@@ -152,7 +152,7 @@ class Message:
     max_hop_count: int
     need_response: bool = False
     fanout: bool = False
-    uuid: str = dataclasses.field(default_factory=lambda: str(uuidlib.uuid4()))
+    uuid: str = dataclasses.field(default_factory=uuidutils.generate_uuid)
     target_cell: str | None = None
     response_uuid: str | None = None
 
@@ -279,7 +279,7 @@ def decode(text, our_name, default_max_hop_count=10):
         method_kwargs=data["method_kwargs"], direction=data["direction"],
         routing_path=path, hop_count=hop_count + 1, max_hop_count=max_hops,
         need_response=bool(data.get("need_response")), fanout=bool(data.get("fanout")),
-        uuid=data.get("uuid") or str(uuidlib.uuid4()),
+        uuid=data.get("uuid") or uuidutils.generate_uuid(),
         target_cell=data.get("target_cell"), response_uuid=data.get("response_uuid"))
 
 
@@ -418,7 +418,7 @@ def rpc_dict(msg, unique_id=None):
     """The oslo.messaging RPC dict: method, args, version, _unique_id, _context_*."""
     out = {"method": RPC_METHOD, "args": {"message": msg.to_json()},
            "version": RPC_VERSION,
-           "_unique_id": unique_id or uuidlib.uuid4().hex}
+           "_unique_id": unique_id or uuidutils.generate_uuid(dashed=False)}
     for key, value in msg.ctxt.items():
         out["_context_%s" % key] = value
     return out
