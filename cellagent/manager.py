@@ -32,7 +32,7 @@ from cellagent.objects import (BuildRequest, Flavor, InstanceRecord, InstanceRef
                                InstanceState, JournalStatus, PowerState, RebootKind,
                                TaskState, VmState)
 from cellagent.rpc import intercell
-from cellagent.workqueue import CANCELLED, TIMED_OUT, Transition
+from cellagent.workqueue import CANCELLED, TIMED_OUT, Later, Transition
 
 LOG = logging.getLogger(__name__)
 
@@ -437,6 +437,14 @@ class CellManager:
 
     @contextlib.contextmanager
     def _lock(self, uuid):
+        lock = self._acquire(uuid)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _acquire(self, uuid):
+        """Take the instance's report lock; returns it (release it when done)."""
         with self._locks_lock:
             lock = self._locks.get(uuid)
             if lock is None:
@@ -445,10 +453,7 @@ class CellManager:
             # Its holder may be waiting to write: commit our batch first.
             self._flush()
             lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
+        return lock
 
     def _flush(self):
         intake = getattr(self._local, "intake", None)
@@ -494,6 +499,39 @@ class CellManager:
                 rec.instance = data
         prim = intercell.obj_primitive("Instance", data, changes)
         return self.parent.instance_update_at_top(prim, ctxt)
+
+    def _report_later(self, rec, changes, ctxt, then, **fields):
+        """``_report`` for a work queue operation, without holding its thread
+        while the record is written.
+
+        Returns a ``Later`` for the work queue: once the record is stored the
+        update is sent up and ``then(futures)`` (the confirm futures) gives
+        the operation's next step. The instance's lock is held from the
+        write to the send, as in ``_report``, so no other report of this
+        instance goes between them.
+        """
+        lock = self._acquire(rec.instance_uuid)
+        try:
+            for name in ("vm_state", "task_state", "power_state"):
+                if name in fields:
+                    setattr(rec, name, fields[name])
+            fields["uuid"] = rec.instance_uuid
+            write = self.store.report_instance_later(rec, fields)
+        except BaseException:
+            lock.release()
+            raise
+
+        def written(fut):
+            try:
+                data = fut.result()
+                rec.instance = data
+                prim = intercell.obj_primitive("Instance", data, changes)
+                futures = self.parent.instance_update_at_top(prim, ctxt)
+            finally:
+                lock.release()
+            return then(futures)
+
+        return Later(write, written)
 
     def _fault(self, rec, message, ctxt, code=500, details=""):
         now = intercell.format_obj_datetime()
@@ -626,18 +664,10 @@ class CellManager:
                 self._after_confirm(futures, lambda abandon=False, u=uuid, d=done:
                                     self._op_done(u, "build", d, abandon))
                 continue
-            # The first report carries every field as changed, so a top that
-            # lost (or never had) the row recreates it from this message.
-            first = set(rec.instance) - TOP_RESETS | {"task_state", "vm_state", "uuid"}
-            # Fire-and-confirm (the last report gates the entry), sent once
-            # the journal entry is committed, before the work is queued.
-            self._after_commit(lambda r=rec, f=sorted(first), c=msg.ctxt: self._report(
-                r, f, c, persist=False, vm_state=VmState.BUILDING,
-                task_state=TaskState.SCHEDULING))
             LOG.debug("[instance: %(uuid)s] Build accepted (%(flavor)s)",
                      {"uuid": uuid, "flavor": flavor.name})
             self._submit(uuid, lambda r=rec, q=request, d=done, c=msg.ctxt:
-                             self._spawn(r, q, d, c))
+                             self._spawn(r, q, d, c, first_report=True))
 
     def _answer_resend(self, uuid, ctxt):
         """A re-sent build means the top did not hear from us: tell it again
@@ -692,7 +722,16 @@ class CellManager:
             admin_password=password if isinstance(password, str) and password != "***" else "",
             first_launch=first_launch)
 
-    def _spawn(self, rec, request, done, ctxt):
+    def _spawn(self, rec, request, done, ctxt, first_report=False):
+        if first_report:
+            # The first report carries every field as changed, so a top that
+            # lost (or never had) the row recreates it from this message.
+            # Fire-and-confirm (the last report gates the entry), sent by the
+            # worker once the journal entry is committed: the consumer's
+            # thread, which every message goes through, only journals.
+            first = set(rec.instance) - TOP_RESETS | {"task_state", "vm_state", "uuid"}
+            self._report(rec, sorted(first), ctxt, persist=False,
+                         vm_state=VmState.BUILDING, task_state=TaskState.SCHEDULING)
         try:
             info = self._call(rec, "spawn", self.backend.spawn, request)
         except exception.BackendError as e:
@@ -733,12 +772,13 @@ class CellManager:
         fields.update(self._network_fields(rec, addresses))
         fields.update(launched_at=intercell.format_obj_datetime(), host=self.host,
                       node=self.node)
-        futures = self._report(rec, sorted(fields), ctxt, **fields)
-        LOG.info("[instance: %(uuid)s] Active at %(ip)s",
-                 {"uuid": rec.instance_uuid, "ip": fields.get("access_ip_v4")})
-        self._after_confirm(futures, lambda abandon=False: self._op_done(
-            rec.instance_uuid, "build", done, abandon))
-        return None
+        def reported(futures):
+            LOG.info("[instance: %(uuid)s] Active at %(ip)s",
+                     {"uuid": rec.instance_uuid, "ip": fields.get("access_ip_v4")})
+            self._after_confirm(futures, lambda abandon=False: self._op_done(
+                rec.instance_uuid, "build", done, abandon))
+
+        return self._report_later(rec, sorted(fields), ctxt, reported, **fields)
 
     def _op_done(self, uuid, operation, done, abandon=False):
         # The claim is finished with the journal entry (one transaction).

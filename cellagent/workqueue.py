@@ -6,7 +6,10 @@ instances run in parallel on ``workers`` threads. An operation that has to
 wait for the provider (an instance in PENDING, REBOOTING...) returns a
 :class:`Transition`; the instance then stays busy without holding a thread,
 and the :class:`Poller` asks the backend about *all* waiting instances in one
-batched ``poll()`` call per tick, never one call per instance.
+batched ``poll()`` call per tick, never one call per instance. An operation
+that has to wait for its own journal write returns a :class:`Later`: the
+instance stays busy, the thread goes back to the pool, and the operation
+goes on on a worker once the write is committed.
 """
 
 import collections
@@ -36,6 +39,22 @@ class Transition:
     targets: frozenset = frozenset()
     timeout: float = 600.0
     started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass
+class Later:
+    """Go on with ``then(future)`` once ``future`` is done, without a thread.
+
+    ``future`` is a ``concurrent.futures.Future`` completed by someone else
+    (the store's group-commit writer). Until it is done the instance stays
+    busy (later operations on it wait) but holds no worker thread: with the
+    journal on SQLite a worker that waited for its write sat idle for most
+    of a build (issue 3 benchmark). ``then`` runs on a worker and may return
+    another Later or a Transition.
+    """
+
+    future: object
+    then: object
 
 
 TIMED_OUT = object()
@@ -92,10 +111,22 @@ class WorkQueue:
         if isinstance(result, Transition) and self.poller is not None:
             self.poller.watch(key, result, self._resume)
             return
+        if isinstance(result, Later):
+            result.future.add_done_callback(
+                lambda fut, later=result: self._continue(key, later, fut))
+            return
         self._next(key)
 
     def _resume(self, key, transition, info):
         self._pool.submit(self._run, key, lambda: transition.then(info))
+
+    def _continue(self, key, later, fut):
+        # On the thread that completed the future: hand over, never block.
+        try:
+            self._pool.submit(self._run, key, lambda: later.then(fut))
+        except RuntimeError:
+            # The pool is shut down (drain timed out): finish here.
+            self._run(key, lambda: later.then(fut))
 
     def _next(self, key):
         with self._lock:

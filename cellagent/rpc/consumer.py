@@ -147,7 +147,7 @@ class KombuConsumer:
 
     def __init__(self, url, base, host, router, intake, exchange="nova", durable=False,
                  auto_delete=False, ha_queues=False, transient_ttl=1800, prefetch=100,
-                 heartbeat=60, max_batch=64, pool_size=64, connect_timeout=5.0):
+                 heartbeat=60, max_batch=256, pool_size=64, connect_timeout=5.0):
         self._url = url
         self._safe_url = transport_mod.mask_url(url)
         self._router = router

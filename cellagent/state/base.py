@@ -62,6 +62,7 @@ Guarantees every implementation gives:
 """
 
 import abc
+import concurrent.futures
 import dataclasses
 import datetime
 import enum
@@ -312,6 +313,23 @@ class Store(abc.ABC):
         record.instance = data
         self.put_instance(record)
         return data
+
+    def report_instance_later(self, record, fields):
+        """``report_instance`` without waiting for the write.
+
+        :returns: a ``concurrent.futures.Future`` done once the write is:
+            its result is the new instance dict, its exception the
+            ``StateError``. ``record.instance`` is left to the caller (set
+            it from the result). The default writes at once and returns a
+            future already done; a store with a group-commit writer
+            returns before the commit.
+        """
+        fut = concurrent.futures.Future()
+        try:
+            fut.set_result(self.report_instance(record, fields))
+        except exception.StateError as e:
+            fut.set_exception(e)
+        return fut
 
     def finish_request_later(self, entry_id, status, error="", operations=()):
         """``finish_request``, possibly returning before the write is done.

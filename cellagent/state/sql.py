@@ -4,6 +4,7 @@ The contract is in ``state/base.py``. This module keeps the tables as data,
 one transaction helper for writes and one for reads, and the schema versions.
 """
 
+import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -196,15 +197,17 @@ def setup_sqlite(engine, busy_timeout):
 
 
 class _BatchItem:
-    __slots__ = ("fn", "result", "error", "done", "on_error")
+    __slots__ = ("fn", "result", "error", "done", "on_error", "future")
 
-    def __init__(self, fn, on_error=None):
+    def __init__(self, fn, on_error=None, future=None):
         self.fn = fn
         self.result = None
         self.error = None
-        # Nobody waits for an item with ``on_error``: it gets the failure.
+        # Nobody waits for an item with ``on_error`` (it gets the failure)
+        # or with a ``future`` (it gets the result or the failure).
         self.on_error = on_error
-        self.done = threading.Event() if on_error is None else None
+        self.future = future
+        self.done = threading.Event() if on_error is None and future is None else None
 
 
 class _Batch:
@@ -495,7 +498,7 @@ class SqlStore(base.Store):
             self._writer = conn
         return self._writer
 
-    def _batched(self, fn, on_error=None):
+    def _batched(self, fn, on_error=None, future=None):
         """Run ``fn(conn)`` in a write transaction; returns what it returns.
 
         On SQLite, writes from every thread go to one writer thread that
@@ -508,7 +511,10 @@ class SqlStore(base.Store):
 
         With ``on_error`` (SQLite's writer thread only) the call returns at
         once, with None: the write is done with the next group commit, and
-        a failure goes to ``on_error(exc)`` on the writer thread.
+        a failure goes to ``on_error(exc)`` on the writer thread. With
+        ``future`` (likewise) the call returns at once and the writer
+        completes the future after the commit: ``fn``'s result, or the
+        failure as a StateError.
         """
         scope = getattr(self._local, "batch", None)
         if scope is not None:
@@ -535,9 +541,9 @@ class SqlStore(base.Store):
                     self._batch_thread = threading.Thread(
                         target=self._batch_loop, name="sqlite-writer", daemon=True)
                     self._batch_thread.start()
-        item = _BatchItem(fn, on_error)
+        item = _BatchItem(fn, on_error, future)
         self._batch_queue.put(item)
-        if on_error is not None:
+        if on_error is not None or future is not None:
             return None
         item.done.wait()
         if item.error is not None:
@@ -576,6 +582,8 @@ class SqlStore(base.Store):
             for item in items:
                 if item.done is not None:
                     item.done.set()
+                elif item.future is not None:
+                    self._complete(item)
                 elif item.error is not None:
                     try:
                         item.on_error(item.error)
@@ -583,6 +591,19 @@ class SqlStore(base.Store):
                         LOG.exception("Reporting a failed write failed")
             if stop:
                 return
+
+    def _complete(self, item):
+        # Callbacks run here, on the writer thread: they must not block.
+        try:
+            if item.error is None:
+                item.future.set_result(item.result)
+                return
+            exc = item.error
+            if not isinstance(exc, exception.CellAgentError):
+                exc = self._state_error(exc)
+            item.future.set_exception(exc)
+        except Exception:  # noqa: B902 - the writer must go on
+            LOG.exception("A callback of a queued write failed")
 
     def _insert_unique(self, conn, stmt, values):
         """Execute an INSERT; False on a unique conflict, transaction intact."""
@@ -866,6 +887,19 @@ class SqlStore(base.Store):
 
     @_translate_errors
     def report_instance(self, record, fields):
+        data = self._batched(self._report_fn(record, fields))
+        record.instance = data
+        return data
+
+    def report_instance_later(self, record, fields):
+        if self._write_lock is None or getattr(self._local, "batch", None) is not None:
+            return super().report_instance_later(record, fields)
+        # SQLite: queued for the writer's next group commit, not waited for.
+        fut = concurrent.futures.Future()
+        self._batched(self._report_fn(record, fields), future=fut)
+        return fut
+
+    def _report_fn(self, record, fields):
         # One write: the stored instance dict is read inside it (SQLite: on
         # the writer's connection, whose transaction holds the write lock;
         # PostgreSQL: SELECT ... FOR UPDATE), instead of a read through the
@@ -892,9 +926,7 @@ class SqlStore(base.Store):
                                                           updated_at=now)).all()
             return data
 
-        data = self._batched(report)
-        record.instance = data
-        return data
+        return report
 
     def finish_request_later(self, entry_id, status, error="", operations=()):
         if self._write_lock is None or getattr(self._local, "batch", None) is not None:
