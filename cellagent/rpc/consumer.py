@@ -222,6 +222,7 @@ class KombuConsumer:
                                 connect_timeout=self._connect_timeout,
                                 heartbeat=self._heartbeat)
         conn.connect()
+        transport_mod.read_ahead(conn)
         channel = conn.channel()
         if self._prefetch > 0:
             channel.basic_qos(0, self._prefetch, False)
