@@ -434,6 +434,27 @@ class StoreContract:
         assert data == {"uuid": _uuid(1), "display_name": "a", "vm_state": "active"}
         assert store.get_instance(_uuid(1)).instance == data
 
+    def test_report_instance_later_merges_then_completes(self, store):
+        store.put_instance(self._record())
+        stale = store.get_instance(_uuid(1))
+        store.update_instance(_uuid(1), instance=dict(stale.instance, display_name="renamed"))
+        stale.state = IS.RUNNING
+        fut = store.report_instance_later(stale, {"vm_state": "active", "uuid": _uuid(1)})
+        data = fut.result(timeout=10)
+        assert data == {"uuid": _uuid(1), "display_name": "renamed", "metadata": {},
+                        "vm_state": "active"}
+        # Done means stored: a read after the future sees the write.
+        got = store.get_instance(_uuid(1))
+        assert got.instance == data
+        assert got.state is IS.RUNNING
+
+    def test_report_instance_later_keeps_the_order_of_writes(self, store):
+        store.put_instance(self._record())
+        rec = store.get_instance(_uuid(1))
+        futures = [store.report_instance_later(rec, {"step": i}) for i in range(20)]
+        assert [f.result(timeout=10)["step"] for f in futures] == list(range(20))
+        assert store.get_instance(_uuid(1)).instance["step"] == 19
+
     def test_finish_request_later(self, store):
         entry = store.begin_request(_uuid(1), "m", _uuid(2), "{}", start=True)
         assert store.claim_operation(_uuid(2), "build", _uuid(1))
