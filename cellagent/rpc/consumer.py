@@ -163,6 +163,7 @@ class KombuConsumer:
         self._stop = threading.Event()
         self._conn = None
         self._channel = None
+        self._reader = None
         self._generation = 0
         self._burst = []
         self._handed = set()           # delivery tags out in the pool
@@ -222,13 +223,13 @@ class KombuConsumer:
                                 connect_timeout=self._connect_timeout,
                                 heartbeat=self._heartbeat)
         conn.connect()
-        transport_mod.read_ahead(conn)
+        reader = transport_mod.read_ahead(conn)
         channel = conn.channel()
         if self._prefetch > 0:
             channel.basic_qos(0, self._prefetch, False)
         for queue in self._queues:
             queue(channel).declare()
-        self._conn, self._channel = conn, channel
+        self._conn, self._channel, self._reader = conn, channel, reader
         self._generation += 1
         self._handed = set()
         for index, queue in enumerate(self._queues):
@@ -238,7 +239,7 @@ class KombuConsumer:
                                                       "url": self._safe_url})
 
     def _drop_connection(self):
-        conn, self._conn, self._channel = self._conn, None, None
+        conn, self._conn, self._channel, self._reader = self._conn, None, None, None
         self._burst = []
         if conn is not None:
             try:
@@ -252,18 +253,22 @@ class KombuConsumer:
     def _consume(self):
         conn = self._conn
         last_beat = time.monotonic()
+        reader = self._reader
         while not self._stop.is_set():
             self._send_acks()
-            try:
-                conn.drain_events(timeout=0.2)
-            except socket.timeout:
-                pass
-            # Take what the broker already sent, up to one burst.
-            while self._burst and len(self._burst) < self._max_batch:
+            if reader is not None:
+                self._read_burst(reader)
+            else:
                 try:
-                    conn.drain_events(timeout=0)
+                    conn.drain_events(timeout=0.2)
                 except socket.timeout:
-                    break
+                    pass
+                # Take what the broker already sent, up to one burst.
+                while self._burst and len(self._burst) < self._max_batch:
+                    try:
+                        conn.drain_events(timeout=0)
+                    except socket.timeout:
+                        break
             if self._burst:
                 burst, self._burst = self._burst, []
                 self._handle(burst)
@@ -271,6 +276,16 @@ class KombuConsumer:
             if self._heartbeat and now - last_beat >= 1.0:
                 conn.heartbeat_check()
                 last_beat = now
+
+    def _read_burst(self, reader):
+        """Wait up to 0.2 s for deliveries, then take what the broker already
+        sent, up to one burst, without waiting inside it."""
+        if not reader.frame_ready():
+            reader.fill(0.2)
+        while len(self._burst) < self._max_batch:
+            if not reader.frame_ready() and not reader.fill(0):
+                break
+            reader.next_frame()
 
     def _handle(self, burst):
         self.received += len(burst)

@@ -91,3 +91,44 @@ def test_other_transports_are_left_alone():
     other = Other()
     transport.read_ahead(_Connection(other))
     assert other._read is Other._read
+
+
+class _Amqp:
+    """The part of amqp.Connection a FrameReader uses: one frame a call."""
+
+    def __init__(self, tr):
+        self.transport = tr
+        self.frames = []
+
+    def blocking_read(self, timeout):
+        assert timeout is None
+        self.frames.append(self.transport.read_frame())
+        return True
+
+
+def test_frame_reader_takes_only_whole_frames_and_never_waits_inside_one(pair):
+    tr, theirs = pair
+    reader = transport.FrameReader(_Amqp(tr))
+    bodies, data = _messages(2, 3000)
+    assert not reader.frame_ready()
+    assert reader.fill(0) is False                 # nothing sent: no wait
+    theirs.sendall(data[:20])                      # the first frame, cut
+    assert reader.fill(1.0) is True
+    assert not reader.frame_ready()
+    theirs.sendall(data[20:])
+    while reader.fill(0.2):
+        pass
+    seen = reader._conn.frames
+    while reader.frame_ready():
+        reader.next_frame()
+    assert [f[0] for f in seen] == [1, 2, 3, 1, 2, 3]
+    assert [f[2] for f in seen[2::3]] == bodies
+    assert tr._read_buffer == b""
+
+
+def test_frame_reader_reports_a_closed_connection(pair):
+    tr, theirs = pair
+    reader = transport.FrameReader(_Amqp(tr))
+    theirs.close()
+    with pytest.raises(OSError, match="closed connection"):
+        reader.fill(1.0)
