@@ -1,12 +1,16 @@
 """SqlStore on SQLite: the contract on a temporary file, plus SQLite specifics."""
 
+import concurrent.futures
 import sqlite3
+import time
 
 import pytest
 import sqlalchemy as sa
 
 from cellagent import exception
+from cellagent import objects
 from cellagent import state
+from cellagent.state import base
 from cellagent.state import sql
 from tests.unit.state.contract import StoreContract
 
@@ -99,3 +103,40 @@ class TestSqliteStore(StoreContract):
     def test_two_stores_share_one_write_lock(self):
         first, second = self.new_store(sync=False), self.new_store(sync=False)
         assert first._write_lock is second._write_lock
+
+    def test_finishes_queued_together_are_written_together(self, store, caplog):
+        """The writer joins queued finishes into a few statements; an entry
+        that is missing fails alone, the others and their claims are done."""
+        JS = objects.JournalStatus
+        entries = []
+        for n in range(1, 41):
+            msg, inst = "aaaaaaaa-0000-4000-8000-%012d" % n, "bbbbbbbb-0000-4000-8000-%012d" % n
+            entries.append((store.begin_request(msg, "m", inst, "{}", start=True).id, inst))
+            assert store.claim_operation(inst, "build", msg)
+        missing = 999999
+        # Queued while this thread holds the write lock: one writer batch.
+        with store.batch():
+            store.begin_request("cccccccc-0000-4000-8000-000000000001", "m", None, "{}",
+                                start=True)
+            with concurrent.futures.ThreadPoolExecutor(1) as other:
+                def queue_all():
+                    for i, (entry_id, inst) in enumerate(entries):
+                        status, error = (JS.DONE, "") if i % 3 else (JS.FAILED, "boom")
+                        store.finish_request_later(entry_id, status, error,
+                                                   operations=[(inst, "build")])
+                        if i == 20:
+                            store.finish_request_later(missing, JS.DONE)
+                other.submit(queue_all).result()
+        deadline = time.monotonic() + 10
+        while (store.get_request(entries[-1][0]).status == JS.RUNNING
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        for i, (entry_id, inst) in enumerate(entries):
+            entry = store.get_request(entry_id)
+            assert (entry.status, entry.error) == ((JS.DONE, "") if i % 3
+                                                   else (JS.FAILED, "boom"))
+            assert store.get_operation(inst, "build")["status"] == base.OP_DONE
+        deadline = time.monotonic() + 10
+        while "999999" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "Could not finish journal entry 999999" in caplog.text
