@@ -15,8 +15,9 @@ transport the agent consumes its three topics with kombu instead:
   ``rabbit_transient_queues_ttl``), the same durable/auto-delete flags and
   the same prefetch. A stock parent cannot tell the difference.
 * **Bursts, acknowledged after the journal.** Whatever the broker already
-  delivered (up to ``max_batch`` messages) is handled on the consumer's
-  thread inside one ``intake`` (one store transaction for the journal
+  delivered (up to ``max_batch`` messages, and half the prefetch count) is
+  handled on the consumer's thread inside one ``intake`` (one store
+  transaction for the journal
   entries, claims and records of the whole burst), and acknowledged once
   that transaction is committed. A crash before the commit leaves the
   burst unacknowledged: the broker delivers it again, and the journal drops
@@ -156,7 +157,11 @@ class KombuConsumer:
                                     transient_ttl)
         self._prefetch = prefetch
         self._heartbeat = heartbeat
-        self._max_batch = max(1, min(max_batch, prefetch or max_batch))
+        # A burst is at most half the prefetch window: while it is handled
+        # the broker still has the other half on its way, and acknowledging
+        # the burst lets it send the next (a full window each time left the
+        # consumer waiting for deliveries after every burst).
+        self._max_batch = max(1, min(max_batch, (prefetch // 2) or max_batch))
         self._connect_timeout = connect_timeout
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=pool_size, thread_name_prefix="intercell")
