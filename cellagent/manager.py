@@ -509,6 +509,13 @@ class CellManager:
         the operation's next step. The instance's lock is held from the
         write to the send, as in ``_report``, so no other report of this
         instance goes between them.
+
+        The send and ``then`` run on the thread that committed the write
+        (``Later.inline``; 13% more builds per second in the issue 3
+        benchmark than a hand-over to a worker): ``then`` must not wait for
+        the store. The send queues the message for the publisher's thread;
+        on the oslo.messaging fallback (a transport other than plain
+        RabbitMQ) it waits for the broker's confirm there.
         """
         lock = self._acquire(rec.instance_uuid)
         try:
@@ -531,7 +538,7 @@ class CellManager:
                 lock.release()
             return then(futures)
 
-        return Later(write, written)
+        return Later(write, written, inline=True)
 
     def _fault(self, rec, message, ctxt, code=500, details=""):
         now = intercell.format_obj_datetime()

@@ -51,10 +51,16 @@ class Later:
     journal on SQLite a worker that waited for its write sat idle for most
     of a build (issue 3 benchmark). ``then`` runs on a worker and may return
     another Later or a Transition.
+
+    With ``inline``, ``then`` runs on the thread that completes the future
+    (the store's writer, after its commit), saving a hand-over to a worker
+    and its wake-up. Only for a ``then`` that is short and never waits for
+    the store (the writer would wait for itself) or for anything slow.
     """
 
     future: object
     then: object
+    inline: bool = False
 
 
 TIMED_OUT = object()
@@ -122,6 +128,9 @@ class WorkQueue:
 
     def _continue(self, key, later, fut):
         # On the thread that completed the future: hand over, never block.
+        if later.inline:
+            self._run(key, lambda: later.then(fut))
+            return
         try:
             self._pool.submit(self._run, key, lambda: later.then(fut))
         except RuntimeError:

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import threading
+import time
 
 from cellagent import workqueue
 
@@ -52,3 +53,32 @@ def test_the_continuation_may_wait_again_and_sees_failures():
     assert seen == [1, "RuntimeError('write failed')"]
     assert work.drain(10) == 0
     assert not work.is_busy("a")
+
+
+def test_an_inline_continuation_runs_on_the_completing_thread():
+    work = workqueue.WorkQueue(2)
+    write = concurrent.futures.Future()
+    ran_on = []
+    finished = threading.Event()
+
+    def then(fut):
+        ran_on.append(threading.current_thread().name)
+        finished.set()
+
+    waiting = threading.Event()
+
+    def first():
+        waiting.set()
+        return workqueue.Later(write, then, inline=True)
+
+    work.submit("a", first)
+    _wait(waiting)
+    deadline = time.monotonic() + 10
+    while not write._done_callbacks and time.monotonic() < deadline:
+        time.sleep(0.001)       # until the work queue waits on the future
+    completer = threading.Thread(target=lambda: write.set_result(1), name="the-writer")
+    completer.start()
+    completer.join()
+    _wait(finished)
+    assert ran_on == ["the-writer"]
+    assert work.drain(10) == 0
