@@ -288,8 +288,12 @@ class KombuConsumer:
         if not reader.frame_ready():
             reader.fill(0.2)
         while len(self._burst) < self._max_batch:
-            if not reader.frame_ready() and not reader.fill(0):
-                break
+            # Only whole frames: the socket is blocking, and a frame cut
+            # short by the network must not hold the thread (heartbeats,
+            # acknowledgements, stop) until the rest arrives.
+            while not reader.frame_ready():
+                if not reader.fill(0):
+                    return
             reader.next_frame()
 
     def _handle(self, burst):

@@ -259,3 +259,34 @@ def test_supported_only_on_plain_rabbit():
     assert not consumer_mod.supported(conf, "kombu+memory:////cell1")
     conf.set_override("rabbit_quorum_queue", True, "oslo_messaging_rabbit")
     assert not consumer_mod.supported(conf, "rabbit://guest:guest@127.0.0.1:5672/")
+
+
+class _CutReader:
+    """A FrameReader whose socket gave part of a frame and then nothing."""
+
+    def __init__(self, whole_frames):
+        self.whole = whole_frames
+        self.fills = 0
+        self.frames = 0
+
+    def frame_ready(self):
+        return self.whole > 0
+
+    def fill(self, timeout):
+        self.fills += 1
+        return self.fills == 1          # the first read brings a partial frame
+
+    def next_frame(self):
+        assert self.whole > 0, "asked to parse a frame that is not all there"
+        self.whole -= 1
+        self.frames += 1
+        return True
+
+
+def test_a_burst_stops_at_a_frame_cut_short(make_cell, make_consumer):  # noqa: F811
+    cons = make_consumer(make_cell(), FakeChannel())
+    reader = _CutReader(whole_frames=3)
+    cons._read_burst(reader)            # must not block reading the cut frame
+    assert reader.frames == 3
+    # Bytes arrived but no whole frame: it asked again, then gave up.
+    assert reader.fills == 2
