@@ -189,7 +189,6 @@ class Intake:
         self._scope = None
         self._store_batch = None
         self._work = []
-        self._later = []
         self._jobs = []
         self._failed = None
         self._since = 0
@@ -220,13 +219,6 @@ class Intake:
 
     def defer(self, key, fn, preempt):
         self._work.append((key, fn, preempt))
-
-    def later(self, fn):
-        """Call ``fn()`` after the commit, before the held-back work is queued.
-
-        For what need not hold the write lock (sending a report).
-        """
-        self._later.append(fn)
 
     def track(self, job):
         self._jobs.append(job)
@@ -261,18 +253,11 @@ class Intake:
 
     def _release(self):
         self._since = 0
-        later, self._later = self._later, []
         work, self._work, self._jobs = self._work, [], []
-        for fn in later:
-            try:
-                fn()
-            except Exception:  # noqa: B902 - a report failing must not stop the rest
-                LOG.exception("Sending after a journal commit failed")
         for key, fn, preempt in work:
             self._manager.work.submit(key, fn, preempt=preempt)
 
     def _abort(self):
-        self._later = []
         jobs, self._work, self._jobs = self._jobs, [], []
         for job in jobs:
             job.cancel()
@@ -460,14 +445,6 @@ class CellManager:
         if intake is not None:
             intake.flush()
 
-    def _after_commit(self, fn):
-        """Call ``fn()`` now, or inside an intake once its batch is committed."""
-        intake = getattr(self._local, "intake", None)
-        if intake is not None:
-            intake.later(fn)
-        else:
-            fn()
-
     def _submit(self, key, fn, preempt=False):
         """Queue backend work; inside an intake, once its batch is committed."""
         intake = getattr(self._local, "intake", None)
@@ -485,10 +462,7 @@ class CellManager:
         confirm futures.
         """
         with self._lock(rec.instance_uuid):
-            for name in ("vm_state", "task_state", "power_state"):
-                if name in fields:
-                    setattr(rec, name, fields[name])
-            fields["uuid"] = rec.instance_uuid
+            self._apply_states(rec, fields)
             if persist:
                 # Over the stored dict: instance_update_from_api may have
                 # changed it since this record was read.
@@ -499,6 +473,14 @@ class CellManager:
                 rec.instance = data
         prim = intercell.obj_primitive("Instance", data, changes)
         return self.parent.instance_update_at_top(prim, ctxt)
+
+    @staticmethod
+    def _apply_states(rec, fields):
+        """The record takes the reported states; the update names its instance."""
+        for name in ("vm_state", "task_state", "power_state"):
+            if name in fields:
+                setattr(rec, name, fields[name])
+        fields["uuid"] = rec.instance_uuid
 
     def _report_later(self, rec, changes, ctxt, then, **fields):
         """``_report`` for a work queue operation, without holding its thread
@@ -519,10 +501,7 @@ class CellManager:
         """
         lock = self._acquire(rec.instance_uuid)
         try:
-            for name in ("vm_state", "task_state", "power_state"):
-                if name in fields:
-                    setattr(rec, name, fields[name])
-            fields["uuid"] = rec.instance_uuid
+            self._apply_states(rec, fields)
             write = self.store.report_instance_later(rec, fields)
         except BaseException:
             lock.release()

@@ -17,9 +17,8 @@ transport the agent consumes its three topics with kombu instead:
 * **Bursts, acknowledged after the journal.** Whatever the broker already
   delivered (up to ``max_batch`` messages, and half the prefetch count) is
   handled on the consumer's thread inside one ``intake`` (one store
-  transaction for the journal
-  entries, claims and records of the whole burst), and acknowledged once
-  that transaction is committed. A crash before the commit leaves the
+  transaction for the journal entries, claims and records of the whole
+  burst), and acknowledged once that transaction is committed. A crash before the commit leaves the
   burst unacknowledged: the broker delivers it again, and the journal drops
   whatever was already stored.
 * **Nothing slow on the consumer's thread.** A message whose handling may
